@@ -1,0 +1,44 @@
+"""llava_jax: LLaVA (visual instruction tuning) in JAX/Flax for TPU and GPU."""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "ml_collections>=1.0",
+    "absl-py",
+    "transformers>=4.50",
+    "tokenizers",
+    "sentencepiece",
+    "safetensors>=0.4",
+    "pillow>=10",
+    "numpy",
+    "tqdm",
+]
+
+EXTRAS = {
+    # Test oracle and fixtures. torch is pinned to the CPU wheel; the runtime never imports it.
+    "dev": [
+        "pytest>=8",
+        "pytest-xdist",
+        "torch==2.13.0",
+        "scikit-image",
+    ],
+    "torch": ["torch==2.13.0"],  # only to read legacy pickle `.bin` checkpoints
+    "tfds": ["tensorflow-datasets", "array_record"],
+}
+
+setup(
+    name="llava_jax",
+    version="0.1.0",
+    description="LLaVA (visual instruction tuning) in JAX/Flax: CLIP ViT-L/14 + projector + LLaMA, sharded with jit.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
