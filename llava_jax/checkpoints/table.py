@@ -1,0 +1,92 @@
+"""Key tables: one row per checkpoint tensor, saying where it lives in our param tree and how to convert it.
+
+A model family (CLIP, LLaMA, projector) provides a function returning its `KeySpec` rows; the loader streams
+tensors through them and the exporter runs them backwards. Layer leaves carry `layer=i`: with scanned layers
+they are stacked along a new leading axis at the `layers` component of the path, unscanned they go to
+`layers_{i}`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+  """torch Linear weight [out, in] ⇄ Flax kernel [in, out]."""
+  return np.ascontiguousarray(x.T)
+
+
+def conv_to_flax(x: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight [out, in, kh, kw] → Flax kernel [kh, kw, in, out]."""
+  return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+
+
+def conv_to_torch(x: np.ndarray) -> np.ndarray:
+  """Flax kernel [kh, kw, in, out] → torch Conv2d weight [out, in, kh, kw]."""
+  return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySpec:
+  """One checkpoint tensor ⇄ one param leaf (or one layer slice of a stacked leaf).
+
+  hf_key: the tensor's name in the checkpoint (in our canonical layout; loaders rename other layouts first).
+  path: param path; for layer leaves it contains the component 'layers' (stacked) — e.g.
+    ('language_model', 'layers', 'self_attn', 'q_proj', 'kernel').
+  layer: layer index for per-layer tensors, None otherwise.
+  to_flax / to_hf: array conversions (transpose for Linear, conv layout for Conv2d).
+  """
+  hf_key: str
+  path: Tuple[str, ...]
+  layer: Optional[int] = None
+  to_flax: Callable[[np.ndarray], np.ndarray] = identity
+  to_hf: Callable[[np.ndarray], np.ndarray] = identity
+
+
+def unscanned_path(path: Tuple[str, ...], layer: int) -> Tuple[str, ...]:
+  """('x', 'layers', 'y') → ('x', 'layers_3', 'y') for layer 3."""
+  i = path.index("layers")
+  return path[:i] + (f"layers_{layer}",) + path[i + 1:]
+
+
+def leaf_path(spec: KeySpec, scan_layers: bool) -> Tuple[str, ...]:
+  if spec.layer is None or scan_layers:
+    return spec.path
+  return unscanned_path(spec.path, spec.layer)
+
+
+def group_by_leaf(specs: Iterable[KeySpec], scan_layers: bool) -> Dict[Tuple[str, ...], List[KeySpec]]:
+  """Param leaf path → the rows that fill it (several, in layer order, for a stacked leaf)."""
+  groups: Dict[Tuple[str, ...], List[KeySpec]] = {}
+  for s in specs:
+    groups.setdefault(leaf_path(s, scan_layers), []).append(s)
+  for rows in groups.values():
+    rows.sort(key=lambda s: -1 if s.layer is None else s.layer)
+  return groups
+
+
+def set_in(tree: dict, path: Tuple[str, ...], value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def get_in(tree, path: Tuple[str, ...]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def export_tensors(specs: Iterable[KeySpec], params: dict, scan_layers: bool) -> Iterator[Tuple[str, np.ndarray]]:
+  """Yield (hf_key, array in checkpoint layout) for every row, reading one leaf at a time from `params`."""
+  for path, rows in group_by_leaf(specs, scan_layers).items():
+    leaf = np.asarray(get_in(params, path))
+    for s in rows:
+      value = leaf[s.layer] if (s.layer is not None and scan_layers) else leaf
+      yield s.hf_key, s.to_hf(value)
