@@ -44,6 +44,7 @@ LOGICAL_AXIS_RULES: tuple = (
     ("patch", None),
     ("channels", None),
     ("positions", None),
+    ("projector_in", None),
     ("norm", None),
 )
 
