@@ -32,3 +32,75 @@ def photo(name: str = "astronaut") -> np.ndarray:
   """A real photo as uint8 [H, W, 3] from skimage (offline): astronaut, chelsea or coffee."""
   from skimage import data
   return getattr(data, name)()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny transformers LLaVA models (PyTorch, float32) and their conversion to our config + params.
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=28, patch_size=7, projection_dim=32)
+TINY_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY_IMAGE_TOKEN = 127
+
+
+def tiny_hf_llava(seed: int = 0, vision: dict | None = None, text: dict | None = None, **llava_kwargs):
+  """A random transformers LlavaForConditionalGeneration (float32, eval mode).
+
+  llava_kwargs go to transformers.LlavaConfig (vision_feature_layer, vision_feature_select_strategy,
+  projector_hidden_act, image_token_index, ...). `projector_hidden_act='linear'` with linear_2 = identity
+  is the reference for our 'linear' projector (set by `make_linear_projector`).
+  """
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  kw = dict(image_token_index=TINY_IMAGE_TOKEN, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", projector_hidden_act="gelu")
+  kw.update(llava_kwargs)
+  config = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(**{**TINY_VISION, **(vision or {})}),
+      text_config=transformers.LlamaConfig(**{**TINY_TEXT, **(text or {})}), **kw)
+  model = transformers.LlavaForConditionalGeneration(config).eval()
+  with torch.no_grad():  # non-trivial norms and biases so a wrong formula cannot hide behind ones/zeros
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias") or "class_embedding" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def make_linear_projector(model) -> None:
+  """Turn the HF 2-layer projector into the paper's linear one: act = identity, linear_2 = I, bias 0."""
+  import torch
+  from transformers.activations import ACT2FN
+  proj = model.model.multi_modal_projector
+  proj.act = ACT2FN["linear"]
+  with torch.no_grad():
+    proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0]))
+    proj.linear_2.bias.zero_()
+
+
+def llava_config_from_hf_model(model, projector_type: str = "mlp2x_gelu", **runtime):
+  """Our LlavaConfig for a transformers Llava model (the test-side twin of the checkpoint loader's parser)."""
+  from llava_jax.config import LlavaConfig, RuntimeOptions, text_config_from_hf, vision_config_from_hf
+  c = model.config
+  return LlavaConfig(
+      vision=vision_config_from_hf(c.vision_config.to_dict()), text=text_config_from_hf(c.text_config.to_dict()),
+      projector_type=projector_type, projector_bias=c.multimodal_projector_bias,
+      image_token_index=c.image_token_index, vision_feature_layer=c.vision_feature_layer,
+      vision_feature_select_strategy=c.vision_feature_select_strategy, runtime=RuntimeOptions(**runtime))
+
+
+def llava_params_from_hf_model(model, config, dtype="float32"):
+  """Params from a transformers Llava model's in-memory state dict, via our key tables."""
+  from llava_jax.checkpoints.clip_keys import clip_key_specs
+  from llava_jax.checkpoints.llama_keys import llama_key_specs
+  from llava_jax.checkpoints.projector_keys import projector_key_specs
+  from llava_jax.checkpoints.table import params_from_tensors
+  state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+  specs = (clip_key_specs(config.vision, prefix="model.vision_tower.vision_model.")
+           + projector_key_specs(config, style="hf", prefix="model.multi_modal_projector.")
+           + llama_key_specs(config.text, prefix="model.language_model.", lm_head_key="lm_head.weight"))
+  if config.projector_type == "linear":
+    specs = [s for s in specs if "linear_2" not in s.hf_key]
+  return params_from_tensors(specs, state.__getitem__, config.runtime.scan_layers, dtype)
