@@ -1,0 +1,118 @@
+"""Building blocks for the config files in configs/: one function per component, composed per recipe.
+
+A config is an ml_collections.ConfigDict with sections:
+  model   — LlavaConfig fields (vision, text, projector, runtime), see llava_jax/config.py
+  init    — where the weights come from (pretrained dirs, a stage-1 workdir, or random)
+  data    — source, template, tokenizer, preprocessing, batching
+  train   — trainable set, optimizer and schedule, steps, logging, checkpointing
+  mesh    — (data, fsdp, tensor) device mesh; -1 takes the remaining devices
+Field values follow ../shared/REFERENCE.md "Training recipes".
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from llava_jax.config import LlavaConfig, RuntimeOptions, TextConfig, VisionConfig
+
+STAGE1_TRAINABLE = r"multi_modal_projector/.*"
+STAGE2_TRAINABLE = r"multi_modal_projector/.*|language_model/.*"
+
+
+def _dc(obj) -> dict:
+  return {k: (_dc(v) if dataclasses.is_dataclass(v) else v) for k, v in dataclasses.asdict(obj).items()}
+
+
+def clip_vit_l14(image_size: int = 224) -> dict:
+  """openai/clip-vit-large-patch14 (224 px, paper / v1) or -336 (v1.5)."""
+  return _dc(VisionConfig(image_size=image_size))
+
+
+def vicuna(size: str = "7b") -> dict:
+  """Vicuna v1.5 (LLaMA-2 architecture, 4096 context)."""
+  if size == "7b":
+    return _dc(TextConfig())
+  if size == "13b":
+    return _dc(TextConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                          num_key_value_heads=40))
+  raise ValueError(f"vicuna size {size!r}: expected '7b' or '13b'")
+
+
+def llama32_1b() -> dict:
+  """meta-llama/Llama-3.2-1B(-Instruct): GQA 32/8, head_dim 64, tied embeddings, llama3 rope scaling."""
+  text = _dc(TextConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                        bos_token_id=128000, eos_token_id=128009, pad_token_id=None))
+  text["rope_scaling"] = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192, rope_type="llama3")
+  return text
+
+
+def model_section(vision: dict, text: dict, projector_type: str, image_token_index: int = 32000,
+                  dtype: str = "bfloat16", param_dtype: str = "float32", remat_policy: str = "full",
+                  attention_impl: str = "xla") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      vision=vision, text=text, projector_type=projector_type, projector_bias=True,
+      image_token_index=image_token_index, vision_feature_layer=-2, vision_feature_select_strategy="default",
+      runtime=_dc(RuntimeOptions(dtype=dtype, param_dtype=param_dtype, scan_layers=True,
+                                 remat_policy=remat_policy, attention_impl=attention_impl))))
+
+
+def init_section(**kw) -> ml_collections.ConfigDict:
+  """Weights: `pretrained` (llava-hf or original LLaVA dir) or `language_model` + `vision_tower` (+ `projector`,
+  a stage-1 mm_projector file) or `from_workdir` (a finished stage-1 run of ours); empty = random init."""
+  d = dict(pretrained="", vision_tower="", language_model="", projector="", from_workdir="", seed=0,
+           allow_pickle=False)
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def data_section(**kw) -> ml_collections.ConfigDict:
+  d = dict(
+      source="llava_json",        # llava_json | scienceqa | synthetic | tfds
+      json_path="", image_root="", scienceqa_root="", split="train",
+      tfds_name="", tfds_data_dir="", tfds_adapter="",
+      synthetic_samples=0, synthetic_caption=False, synthetic_multi_turn=False,
+      tokenizer="",               # directory with tokenizer files ('' = the language model's dir)
+      template="vicuna_v1",
+      image_aspect_ratio="square",  # square | pad
+      max_length=2048,
+      bucket_lengths=(512, 1024, 2048),
+      packing=False,
+      group_by_modality=False,
+      worker_count=4,
+      strict=False,
+      max_pixels=89_478_485,      # PIL's decompression-bomb threshold
+  )
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def train_section(**kw) -> ml_collections.ConfigDict:
+  d = dict(
+      trainable=STAGE2_TRAINABLE,
+      global_batch_size=128, micro_batches=1,
+      learning_rate=2e-5, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
+      b1=0.9, b2=0.999, eps=1e-8,
+      num_epochs=1.0, num_steps=-1,  # num_steps > 0 overrides epochs
+      seed=0, log_every=10, checkpoint_every=500, keep_checkpoints=3,
+      chunked_loss=False,
+      eval_every=0, eval_samples=0,
+  )
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def base_config(model, init, data, train, mesh=(-1, 1, 1)) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model, c.init, c.data, c.train = model, init, data, train
+  c.mesh = tuple(mesh)
+  return c
+
+
+def llava_config(model_section_dict) -> LlavaConfig:
+  """ConfigDict `model` section → LlavaConfig."""
+  d = model_section_dict.to_dict() if hasattr(model_section_dict, "to_dict") else dict(model_section_dict)
+  return LlavaConfig.from_dict(d)
