@@ -1,0 +1,321 @@
+"""Conversation templates: a registry of named prompt formats that render a conversation into segments.
+
+A rendered conversation is a list of `Segment(text, role, supervised, kind)` whose texts concatenate to the
+exact prompt string the reference builds (original LLaVA: `llava/conversation.py` `get_prompt` after
+`llava/train/train.py` `preprocess_multimodal`). The `supervised` flags say which characters the loss sees:
+everything the model must generate after a generation prompt, i.e. each answer plus the stop that ends it
+(`</s>` for v1 / llama_2, `###` for v0, `\n` for plain). Loss masks are derived from these character spans by
+`llava_jax.data.tokenize`, never by re-tokenizing pieces and counting.
+
+Input conversations are LLaVA JSON turns: `[{"from": "human" | "gpt", "value": str}, ...]`; "user" /
+"assistant" and the keys "role" / "content" are accepted too, and an optional leading "system" turn overrides
+the template's system text. Bad input raises `SampleError('malformed_conversation')`.
+
+Templates (names as in the reference's `conv_templates` where they exist):
+  vicuna_v0 (alias v0, llava_v0)  `{sys}###Human: {q}###Assistant: {a}###...`          (the paper)
+  vicuna_v1 (alias v1)            `{sys} USER: {q} ASSISTANT: {a}</s>USER: ...`          (LLaVA-1.5 training)
+  llava_v1                        as vicuna_v1 with the "curious human" system text      (CLI inference)
+  llama_2, llava_llama_2          `[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] ...`
+  plain (alias v0_plain)          `<image>{caption}\\n` (stage-1: the instruction is dropped)
+  chatml                          `<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n...` (extension example)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from llava_jax.data.errors import SampleError
+
+IMAGE_TOKEN = "<image>"
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+SEGMENT_KINDS = ("system", "tag", "text", "image", "stop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """A piece of a rendered prompt.
+
+  text: the exact characters; the prompt is `"".join(s.text for s in segments)`.
+  role: 'system' | 'user' | 'assistant' (image placeholders belong to the user turn holding them).
+  supervised: whether the loss sees the tokens of these characters.
+  kind: 'system' | 'tag' (role tags and separators) | 'text' (message content) | 'image' (one `<image>`)
+    | 'stop' (the supervised end of an answer).
+  """
+  text: str
+  role: str
+  supervised: bool
+  kind: str = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """A prompt format. A conversation of rounds (user q_i, assistant a_i) renders as
+
+      system_format(system)                                  [unless system_in_first_user]
+      for each round i:
+        (first_user_prefix if i == 0 else user_prefix)       tag, unsupervised
+        system_format(system)                                [only i == 0 and system_in_first_user]
+        q_i                                                  user text (images moved to its front)
+        user_suffix                                          tag, unsupervised
+        assistant_prefix                                     tag, unsupervised: a generation prompt ends here
+        reply_prefix + a_i + stop                            supervised (what the model generates)
+        assistant_suffix                                     tag, unsupervised
+
+  captions_only: stage-1 'plain' format: the user text is dropped (only its `<image>`s remain) and exactly
+    one round is allowed.
+  stop_strings: strings that end a generated answer (for inference); `stop` itself is the trained one.
+  """
+  name: str
+  system: str = ""
+  system_format: str = "{system}"
+  system_in_first_user: bool = False
+  user_prefix: str = ""
+  first_user_prefix: Optional[str] = None
+  user_suffix: str = ""
+  assistant_prefix: str = ""
+  reply_prefix: str = ""
+  stop: str = ""
+  assistant_suffix: str = ""
+  stop_strings: Tuple[str, ...] = ()
+  captions_only: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError("Template.name must be a non-empty string")
+    if "{system}" not in self.system_format and self.system_format and not self.captions_only:
+      raise ValueError(f"template {self.name!r}: system_format {self.system_format!r} lacks '{{system}}'")
+    if not self.stop:
+      raise ValueError(f"template {self.name!r}: `stop` (the supervised end of an answer) must be non-empty, "
+                       "otherwise a model never learns to stop")
+    object.__setattr__(self, "stop_strings", tuple(self.stop_strings) or (self.stop,))
+
+  @property
+  def generation_prefix(self) -> str:
+    """The text a generation prompt ends with after the last user turn ('ASSISTANT:', '[/INST]', ...)."""
+    return self.user_suffix + self.assistant_prefix
+
+  def replace(self, **kw) -> "Template":
+    return dataclasses.replace(self, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: Dict[str, Template] = {}
+
+
+def register_template(name: str, template: Template, *, overwrite: bool = False) -> Template:
+  """Make `template` available as `get_template(name)`. Re-registering a name needs overwrite=True."""
+  if not isinstance(template, Template):
+    raise TypeError(f"register_template({name!r}, ...): expected a Template, got {type(template).__name__}")
+  if not isinstance(name, str) or not name:
+    raise ValueError("template names are non-empty strings")
+  if name in _REGISTRY and not overwrite and _REGISTRY[name] is not template:
+    raise ValueError(f"a template named {name!r} is already registered; pass overwrite=True to replace it")
+  _REGISTRY[name] = template
+  return template
+
+
+def template_names() -> Tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def get_template(name) -> Template:
+  """The registered template called `name` (a Template passes through unchanged)."""
+  if isinstance(name, Template):
+    return name
+  try:
+    return _REGISTRY[name]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown conversation template {name!r}; known templates: "
+                     f"{', '.join(template_names())} (add one with register_template)") from None
+
+
+# Texts as in the original LLaVA code base (llava/conversation.py).
+SYSTEM_HUMAN = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEM_USER = ("A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM_LLAMA_2 = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
+    "something not correct. If you don't know the answer to a question, please don't share false information.")
+SYSTEM_LLAVA_LLAMA_2 = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language.")
+SYSTEM_CHATML = ("A conversation between a user and an LLM-based AI assistant. "
+                 "The assistant gives helpful and honest answers.")
+
+VICUNA_V0 = Template(
+    name="vicuna_v0", system=SYSTEM_HUMAN, system_format="{system}###", user_prefix="Human: ",
+    user_suffix="###", assistant_prefix="Assistant:", reply_prefix=" ", stop="###")
+VICUNA_V1 = Template(
+    name="vicuna_v1", system=SYSTEM_USER, system_format="{system} ", user_prefix="USER: ", user_suffix=" ",
+    assistant_prefix="ASSISTANT:", reply_prefix=" ", stop="</s>")
+LLAVA_V1 = VICUNA_V1.replace(name="llava_v1", system=SYSTEM_HUMAN)
+LLAMA_2 = Template(
+    name="llama_2", system=SYSTEM_LLAMA_2, system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+    system_in_first_user=True, first_user_prefix="[INST] ", user_prefix="<s>[INST] ", user_suffix=" [/INST]",
+    assistant_prefix="", reply_prefix=" ", stop=" </s>", stop_strings=("</s>",))
+LLAVA_LLAMA_2 = LLAMA_2.replace(name="llava_llama_2", system=SYSTEM_LLAVA_LLAMA_2)
+PLAIN = Template(name="plain", system="", system_format="", stop="\n", captions_only=True)
+CHATML = Template(
+    name="chatml", system=SYSTEM_CHATML, system_format="<|im_start|>system\n{system}<|im_end|>\n",
+    user_prefix="<|im_start|>user\n", user_suffix="<|im_end|>\n", assistant_prefix="<|im_start|>assistant\n",
+    stop="<|im_end|>", assistant_suffix="\n")
+
+for _t in (VICUNA_V0, VICUNA_V1, LLAVA_V1, LLAMA_2, LLAVA_LLAMA_2, PLAIN, CHATML):
+  register_template(_t.name, _t)
+for _alias, _t in (("v0", VICUNA_V0), ("llava_v0", VICUNA_V0), ("v1", VICUNA_V1), ("v0_plain", PLAIN)):
+  register_template(_alias, _t)
+del _alias, _t
+
+
+# ----------------------------------------------------------------------------------------------- turns
+
+def normalize_turns(conversations: Any, *, sample_id=None,
+                    for_generation: bool = False) -> Tuple[Optional[str], List[Tuple[str, str]]]:
+  """Validate LLaVA-style turns → (system override or None, [(role 'user'|'assistant', text), ...]).
+
+  Training conversations alternate user/assistant starting with the user and end with an assistant answer;
+  generation conversations end with a user turn. Raises SampleError('malformed_conversation').
+  """
+  def bad(msg):
+    return SampleError("malformed_conversation", msg, sample_id)
+
+  if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+    raise bad(f"conversations must be a list of turns, got {type(conversations).__name__}")
+  system = None
+  turns: List[Tuple[str, str]] = []
+  for i, turn in enumerate(conversations):
+    if not isinstance(turn, dict):
+      raise bad(f"turn {i} is a {type(turn).__name__}, expected a dict with 'from' and 'value'")
+    raw_role = turn.get("from", turn.get("role"))
+    value = turn.get("value", turn.get("content"))
+    role = ROLE_ALIASES.get(raw_role.lower()) if isinstance(raw_role, str) else None
+    if role is None:
+      raise bad(f"turn {i} has unknown role {raw_role!r}; expected one of {sorted(ROLE_ALIASES)}")
+    if not isinstance(value, str):
+      raise bad(f"turn {i} ({raw_role}) value is a {type(value).__name__}, expected a string")
+    if not value.strip():
+      raise bad(f"turn {i} ({raw_role}) is empty")
+    if role == "system":
+      if i != 0:
+        raise bad(f"a system turn may only come first (found at turn {i})")
+      if IMAGE_TOKEN in value:
+        raise bad(f"the system turn contains {IMAGE_TOKEN}")
+      system = value
+      continue
+    expected = "user" if len(turns) % 2 == 0 else "assistant"
+    if role != expected:
+      where = "the first turn" if not turns else f"turn {i}"
+      raise bad(f"{where} is from {raw_role!r}, expected {'human' if expected == 'user' else 'gpt'} "
+                "(turns must alternate human, gpt, human, ...)")
+    if role == "assistant" and IMAGE_TOKEN in value:
+      raise bad(f"turn {i} ({raw_role}) contains {IMAGE_TOKEN}: images belong in human turns")
+    turns.append((role, value))
+  if not turns:
+    raise bad("empty conversation")
+  if for_generation:
+    if turns[-1][0] != "user":
+      raise bad("a generation prompt needs a conversation that ends with a human turn")
+  elif turns[-1][0] != "assistant":
+    raise bad("the conversation ends with a human turn that has no answer" if len(turns) > 1
+              else "one-sided conversation: a human turn with no answer")
+  return system, turns
+
+
+def move_images_to_front(value: str) -> str:
+  """The reference's `preprocess_multimodal`: `<image>` moves to the front of its turn, followed by a newline.
+
+  `("<image>\\n" + value.replace("<image>", "").strip()).strip()` for one image; a turn holding k images gets k
+  leading `"<image>\\n"` (the reference collapses them into one). Turns without an image are unchanged.
+  """
+  k = value.count(IMAGE_TOKEN)
+  if k == 0:
+    return value
+  return ((IMAGE_TOKEN + "\n") * k + value.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
+def _user_content(text: str) -> List[Segment]:
+  """User text → text segments with one 'image' segment per `<image>`."""
+  out = []
+  for j, piece in enumerate(text.split(IMAGE_TOKEN)):
+    if j:
+      out.append(Segment(IMAGE_TOKEN, "user", False, "image"))
+    if piece:
+      out.append(Segment(piece, "user", False, "text"))
+  return out
+
+
+def _tag(text: str, role: str, out: List[Segment]):
+  if text:
+    out.append(Segment(text, role, False, "tag"))
+
+
+def _render(conversations, template, *, sample_id, images_to_front: bool, for_generation: bool) -> List[Segment]:
+  tpl = get_template(template)
+  system_override, turns = normalize_turns(conversations, sample_id=sample_id, for_generation=for_generation)
+  system = tpl.system if system_override is None else system_override
+  if tpl.captions_only and len(turns) > (1 if for_generation else 2):
+    raise SampleError("malformed_conversation",
+                      f"template {tpl.name!r} takes exactly one human turn and one answer, got {len(turns)} turns",
+                      sample_id)
+  out: List[Segment] = []
+  system_text = tpl.system_format.format(system=system) if tpl.system_format else ""
+  if system_text and not tpl.system_in_first_user:
+    out.append(Segment(system_text, "system", False, "system"))
+  for i in range(0, len(turns), 2):
+    question = turns[i][1]
+    first = i == 0
+    if tpl.captions_only:
+      question = IMAGE_TOKEN * question.count(IMAGE_TOKEN)
+    elif images_to_front:
+      question = move_images_to_front(question)
+    _tag(tpl.first_user_prefix if first and tpl.first_user_prefix is not None else tpl.user_prefix, "user", out)
+    if first and system_text and tpl.system_in_first_user:
+      out.append(Segment(system_text, "system", False, "system"))
+    out.extend(_user_content(question))
+    _tag(tpl.user_suffix, "user", out)
+    _tag(tpl.assistant_prefix, "assistant", out)
+    if i + 1 == len(turns):  # generation prompt: stop after the assistant tag
+      break
+    answer = tpl.reply_prefix + turns[i + 1][1]
+    out.append(Segment(answer, "assistant", True, "text"))
+    out.append(Segment(tpl.stop, "assistant", True, "stop"))
+    _tag(tpl.assistant_suffix, "assistant", out)
+  return out
+
+
+def render(conversations, template, *, sample_id=None, images_to_front: bool = True) -> List[Segment]:
+  """A training conversation (ending with an answer) → segments; `prompt_text(segments)` is the full prompt.
+
+  images_to_front: move each human turn's `<image>`s to its front as the reference does (False keeps them
+    where the data put them, for interleaved multi-image data).
+  """
+  return _render(conversations, template, sample_id=sample_id, images_to_front=images_to_front,
+                 for_generation=False)
+
+
+def render_generation(conversations, template, *, sample_id=None, images_to_front: bool = True) -> List[Segment]:
+  """A conversation ending with a human turn → segments of the prompt the model continues (ends with the
+  template's generation prefix: 'ASSISTANT:' for v1, '###Assistant:' for v0, '[/INST]' for llama_2)."""
+  return _render(conversations, template, sample_id=sample_id, images_to_front=images_to_front,
+                 for_generation=True)
+
+
+def prompt_text(segments: Sequence[Segment]) -> str:
+  return "".join(s.text for s in segments)
+
+
+def generation_prompt(conversations, template, *, images_to_front: bool = True) -> str:
+  """The generation prompt string (see `render_generation`)."""
+  return prompt_text(render_generation(conversations, template, images_to_front=images_to_front))
+
+
+def stop_strings(template) -> Tuple[str, ...]:
+  """Strings that end a generated answer for `template` ('</s>' for v1 / llama_2, '###' for v0, ...)."""
+  return get_template(template).stop_strings
