@@ -90,3 +90,45 @@ def export_tensors(specs: Iterable[KeySpec], params: dict, scan_layers: bool) ->
     for s in rows:
       value = leaf[s.layer] if (s.layer is not None and scan_layers) else leaf
       yield s.hf_key, s.to_hf(value)
+
+
+def params_from_tensors(specs: Iterable[KeySpec], get_tensor: Callable[[str], np.ndarray], scan_layers: bool,
+                        dtype=None) -> dict:
+  """Build a nested dict of numpy params from checkpoint tensors (the simple, all-in-memory path).
+
+  get_tensor(hf_key) returns the array in checkpoint layout (KeyError if absent). Layer rows of one leaf are
+  stacked on a new leading axis when `scan_layers` (they must cover layers 0..L-1 exactly once).
+  dtype: target dtype (name or numpy/jax dtype, e.g. 'bfloat16'); None keeps the checkpoint's.
+  """
+  dtype = None if dtype is None else np.dtype(_np_dtype(dtype))
+  params: dict = {}
+  for path, rows in group_by_leaf(specs, scan_layers).items():
+    arrays = []
+    for s in rows:
+      try:
+        x = get_tensor(s.hf_key)
+      except KeyError:
+        raise KeyError(f"checkpoint has no tensor {s.hf_key!r} (needed for param {'/'.join(path)})") from None
+      x = s.to_flax(np.asarray(x))
+      arrays.append(x if dtype is None else x.astype(dtype))
+    if scan_layers and rows[0].layer is not None:
+      got = [s.layer for s in rows]
+      if got != list(range(len(rows))):
+        raise ValueError(f"param {'/'.join(path)}: layer rows {got} do not cover 0..{len(rows) - 1} once each")
+      shapes = {a.shape for a in arrays}
+      if len(shapes) > 1:
+        raise ValueError(f"param {'/'.join(path)}: layers have different shapes {sorted(shapes)}")
+      value = np.stack(arrays)
+    else:
+      if len(arrays) > 1:
+        raise ValueError(f"param {'/'.join(path)} is filled by several rows: {[s.hf_key for s in rows]}")
+      value = arrays[0]
+    set_in(params, path, value)
+  return params
+
+
+def _np_dtype(dtype):
+  if isinstance(dtype, str):
+    import ml_dtypes  # bfloat16 & co. as numpy dtypes (a jax dependency)
+    return getattr(ml_dtypes, dtype) if hasattr(ml_dtypes, dtype) else np.dtype(dtype)
+  return dtype
