@@ -98,7 +98,7 @@ def llava_params_from_hf_model(model, config, dtype="float32"):
   from llava_jax.checkpoints.projector_keys import projector_key_specs
   from llava_jax.checkpoints.table import params_from_tensors
   state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-  specs = (clip_key_specs(config.vision, prefix="model.vision_tower.vision_model.")
+  specs = (clip_key_specs(config.vision, prefix="model.vision_tower.")  # transformers 5: no vision_model.
            + projector_key_specs(config, style="hf", prefix="model.multi_modal_projector.")
            + llama_key_specs(config.text, prefix="model.language_model.", lm_head_key="lm_head.weight"))
   if config.projector_type == "linear":
