@@ -265,7 +265,7 @@ def _render(conversations, template, *, sample_id, images_to_front: bool, for_ge
                       f"template {tpl.name!r} takes exactly one human turn and one answer, got {len(turns)} turns",
                       sample_id)
   out: List[Segment] = []
-  system_text = tpl.system_format.format(system=system) if tpl.system_format else ""
+  system_text = tpl.system_format.replace("{system}", system)
   if system_text and not tpl.system_in_first_user:
     out.append(Segment(system_text, "system", False, "system"))
   for i in range(0, len(turns), 2):

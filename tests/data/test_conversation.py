@@ -71,7 +71,8 @@ def test_exact_strings_written_out():
   assert C.prompt_text(C.render(CONV, "llava_v1")) == (
       SYS_HUMAN + " USER: " + img_q + " ASSISTANT: A red square.</s>USER: Where is it? ASSISTANT: On the left.</s>")
   assert C.prompt_text(C.render(CONV, "vicuna_v0")) == (
-      SYS_HUMAN + "###Human: " + img_q + "###Assistant: A red square.###Human: Where is it?###Assistant: On the left.###")
+      SYS_HUMAN + "###Human: " + img_q + "###Assistant: A red square.###Human: Where is it?###"
+      "Assistant: On the left.###")
   assert C.prompt_text(C.render(CONV, "llava_llama_2")) == (
       "[INST] <<SYS>>\n" + SYS_LLAVA_LLAMA_2 + "\n<</SYS>>\n\n" + img_q + " [/INST] A red square. </s>"
       "<s>[INST] Where is it? [/INST] On the left. </s>")
