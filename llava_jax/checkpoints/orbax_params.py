@@ -1,0 +1,52 @@
+"""Save and restore a params pytree with orbax (exact: same tree, shapes, dtypes and values).
+
+The training loop's full state (optimizer, step, data iterator) is the train package's business; this is the
+params-only format used to hand weights between runs and tools.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def save_params(path: str, params: Any, *, force: bool = True) -> str:
+  """Write `params` (a pytree of jax arrays, any sharding) to the directory `path`; returns its absolute path.
+
+  force: replace an existing checkpoint at `path`.
+  """
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, params, force=force)
+    ckpt.wait_until_finished()
+  return path
+
+
+def restore_params(path: str, target_shardings: Optional[Any] = None) -> Any:
+  """Read params saved by `save_params`.
+
+  target_shardings: a pytree of `jax.sharding.Sharding` matching the saved tree (e.g.
+    `llava_jax.checkpoints.hf.param_shardings(config, mesh)`): each leaf is read straight onto its shards.
+    None puts every leaf on the default device (whatever mesh it was saved from).
+  """
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckpt:
+    meta = ckpt.metadata(path).item_metadata
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if target_shardings is None:
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default), meta)
+    else:
+      target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta,
+                            _as_tree_like(meta, target_shardings))
+    return ckpt.restore(path, target)
+
+
+def _as_tree_like(meta, shardings):
+  """Check that the sharding tree has the saved tree's structure; raise naming the difference."""
+  want = jax.tree.structure(meta)
+  got = jax.tree.structure(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  if want != got:
+    raise ValueError(f"target_shardings has a different tree than the saved params:\n saved {want}\n given {got}")
+  return shardings

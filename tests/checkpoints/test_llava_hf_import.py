@@ -1,0 +1,162 @@
+"""load_pretrained on llava-hf directories in every key layout (and pickle), against transformers' logits."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+
+from llava_jax import load_pretrained
+from llava_jax.checkpoints.hf import CheckpointFormatError, CheckpointKeyError, param_shardings
+from llava_jax.checkpoints.layouts import llava_hf_config
+from llava_jax.parallel import make_mesh
+from tests.checkpoints import helpers as H
+
+
+@pytest.fixture(scope="module")
+def model():
+  return H.tiny_llava(seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+  return H.save_llava_hf(model, str(tmp_path_factory.mktemp("saved")), "saved")
+
+
+def test_save_pretrained_layout_is_what_we_expect(saved):
+  """transformers 5 writes language_model.model.* and vision_tower.* without vision_model (checked, not assumed)."""
+  from llava_jax.checkpoints.reader import TensorReader
+  keys = TensorReader(saved).keys()
+  assert "vision_tower.embeddings.class_embedding" in keys
+  assert "language_model.model.embed_tokens.weight" in keys and "language_model.lm_head.weight" in keys
+  assert not any(k.startswith(("vision_tower.vision_model.", "model.")) for k in keys)
+
+
+@pytest.mark.parametrize("layout,shards", [("saved", 1), ("hub", 1), ("hub", 3), ("in_memory", 1),
+                                           ("in_memory_4x", 2)])
+def test_layouts_give_reference_logits(model, saved, tmp_path, layout, shards):
+  d = saved if layout == "saved" else H.save_llava_hf(model, str(tmp_path / layout), layout, shards)
+  if shards > 1:
+    assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
+  config, params = load_pretrained(d)
+  assert config.image_token_index == H.IMAGE and config.projector_type == "mlp2x_gelu"
+  assert config.vision.num_hidden_layers == 3 and config.text.num_key_value_heads == 2
+  H.check_against(model, config, params)
+
+
+def test_unscanned_params_and_image_token_id_spelling(model, tmp_path):
+  d = H.save_llava_hf(model, str(tmp_path / "hub"), "hub")
+  cfg = json.load(open(os.path.join(d, "config.json")))
+  cfg["image_token_id"] = cfg.pop("image_token_index")  # newer transformers spelling
+  json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+  from llava_jax.config import RuntimeOptions
+  config, params = load_pretrained(d, runtime=RuntimeOptions(scan_layers=False))
+  assert config.image_token_index == H.IMAGE
+  assert "layers_1" in params["language_model"] and "layers" not in params["language_model"]
+  H.check_against(model, config, params)
+
+
+def test_feature_layer_list_and_full_strategy(tmp_path):
+  model = H.tiny_llava(seed=1, vision_feature_layer=[-3, -1], vision_feature_select_strategy="full")
+  d = H.save_llava_hf(model, str(tmp_path / "m"), "saved")
+  config, params = load_pretrained(d)
+  assert config.vision_feature_layer == (-3, -1) and config.vision_feature_select_strategy == "full"
+  H.check_against(model, config, params)
+
+
+def test_bfloat16_checkpoint_reads_exact_values(model, tmp_path):
+  sd = {k: v.to(torch.bfloat16) for k, v in H.rename(H.state_dict(model), H.HUB).items()}
+  H.write_safetensors(str(tmp_path), sd)
+  model.config.to_json_file(str(tmp_path / "config.json"))
+  config, params = load_pretrained(str(tmp_path), dtype="float32")
+  embed = np.asarray(params["language_model"]["embed_tokens"]["embedding"])
+  np.testing.assert_array_equal(embed, sd["language_model.model.embed_tokens.weight"].float().numpy())
+  q = np.asarray(params["vision_tower"]["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"][1])
+  np.testing.assert_array_equal(q, sd["vision_tower.vision_model.encoder.layers.1.self_attn.q_proj.weight"].float().numpy().T)
+  config16, params16 = load_pretrained(str(tmp_path), dtype="bfloat16")
+  assert config16.runtime.param_dtype == "bfloat16" and config16.runtime.dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
+  np.testing.assert_array_equal(np.asarray(params16["language_model"]["embed_tokens"]["embedding"]).view(np.uint16),
+                                sd["language_model.model.embed_tokens.weight"].view(torch.int16).numpy().view(np.uint16))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_pickle_needs_the_flag_then_matches(model, tmp_path, shards):
+  H.write_pickle(str(tmp_path), H.rename(H.state_dict(model), H.HUB), shards)
+  model.config.to_json_file(str(tmp_path / "config.json"))
+  with pytest.raises(CheckpointFormatError, match="allow_pickle=True"):
+    load_pretrained(str(tmp_path))
+  config, params = load_pretrained(str(tmp_path), allow_pickle=True)
+  H.check_against(model, config, params)
+
+
+def test_unknown_and_missing_keys_are_named(model, tmp_path):
+  sd = H.rename(H.state_dict(model), H.HUB)
+  del sd["language_model.model.layers.1.mlp.up_proj.weight"]
+  sd["language_model.model.layers.1.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+  sd["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)  # harmless: skipped
+  sd["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]  # harmless: skipped
+  H.write_safetensors(str(tmp_path), sd)
+  model.config.to_json_file(str(tmp_path / "config.json"))
+  with pytest.raises(CheckpointKeyError) as err:
+    load_pretrained(str(tmp_path))
+  msg = str(err.value)
+  assert "1 unknown tensor(s): language_model.model.layers.1.mlp.extra_proj.weight" in msg
+  assert "1 missing tensor(s): language_model.model.layers.1.mlp.up_proj.weight" in msg
+  assert "inv_freq" not in msg and "position_ids" not in msg
+
+
+def test_long_key_lists_are_truncated(model, tmp_path):
+  sd = {k: v for k, v in H.rename(H.state_dict(model), H.HUB).items() if not k.startswith("vision_tower.")}
+  H.write_safetensors(str(tmp_path), sd)
+  model.config.to_json_file(str(tmp_path / "config.json"))
+  with pytest.raises(CheckpointKeyError, match=r"missing tensor\(s\): .* and \d+ more"):
+    load_pretrained(str(tmp_path))
+
+
+def test_config_and_weights_disagree_is_a_shape_error(model, tmp_path):
+  d = H.save_llava_hf(model, str(tmp_path / "m"), "hub")
+  cfg = json.load(open(os.path.join(d, "config.json")))
+  cfg["text_config"]["intermediate_size"] = 96
+  json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+  with pytest.raises(ValueError, match=r"gate_proj.*shape \(2, 64, 128\).*\(2, 64, 96\)"):
+    load_pretrained(d)
+
+
+def test_partial_hub_config_uses_transformers_defaults():
+  """A hub config.json omits fields; they take transformers' defaults, not ours."""
+  cfg = {"model_type": "llava", "text_config": {"model_type": "llama", "vocab_size": 32064},
+         "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "num_attention_heads": 16,
+                           "num_hidden_layers": 24, "patch_size": 14, "model_type": "clip_vision_model"},
+         "image_token_index": 32000}
+  from transformers import LlavaConfig as HFLlavaConfig
+  ref = HFLlavaConfig.from_dict(cfg)
+  ours = llava_hf_config(cfg, 2)
+  assert ours.text.rms_norm_eps == ref.text_config.rms_norm_eps == 1e-6
+  assert ours.text.max_position_embeddings == ref.text_config.max_position_embeddings
+  assert ours.text.num_key_value_heads == ref.text_config.num_key_value_heads
+  assert ours.text.rope_theta == ref.text_config.rope_parameters["rope_theta"]
+  assert ours.vision.layer_norm_eps == ref.vision_config.layer_norm_eps
+  assert ours.vision.num_channels == ref.vision_config.num_channels
+  assert (ours.vision_feature_layer, ours.vision_feature_select_strategy) == (ref.vision_feature_layer,
+                                                                               ref.vision_feature_select_strategy)
+
+
+def test_loading_onto_a_mesh_places_each_leaf_on_its_sharding(model, saved):
+  mesh = make_mesh((2, 2, 2))
+  config, params = load_pretrained(saved, mesh=mesh)
+  expected = param_shardings(config, mesh)
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  exp = dict(jax.tree_util.tree_leaves_with_path(expected, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))
+  assert len(flat) == len(exp)
+  for path, leaf in flat:
+    assert leaf.sharding.is_equivalent_to(exp[path], leaf.ndim), (jax.tree_util.keystr(path), leaf.sharding)
+  lm = params["language_model"]
+  assert lm["embed_tokens"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert lm["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert len(lm["layers"]["mlp"]["gate_proj"]["kernel"].addressable_shards[0].data.shape) == 3
+  assert lm["layers"]["mlp"]["gate_proj"]["kernel"].addressable_shards[0].data.shape == (2, 32, 64)
+  H.check_against(model, config, params)
