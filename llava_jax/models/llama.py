@@ -1,0 +1,253 @@
+"""LLaMA / Vicuna decoder (HF `LlamaForCausalLM`), Flax linen.
+
+Pre-norm blocks `x + attn(rms1(x))`, `x + mlp(rms2(x))`; RMSNorm in float32 (weight × normed, HF order);
+RoPE in HF's rotate_half convention with optional Llama-3 frequency scaling; grouped-query attention;
+SwiGLU MLP `down(silu(gate(x)) · up(x))`; no biases anywhere. Param names follow HF and
+docs/architecture.md so checkpoints convert by key table (`checkpoints/llama_keys.py`).
+
+Masking is by segment ids: token i attends to token j iff j ≤ i and seg[i] == seg[j] != 0, which covers a
+plain attention mask (one segment per row, 0 = padding) and packed samples (several segments per row, with
+positions restarting per segment). Attention is split into projections + RoPE (`LlamaAttention`) and the
+kernel on (q, k, v, mask) so a KV cache can later sit between them without touching the param tree.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from llava_jax.config import RopeScaling, RuntimeOptions, TextConfig
+from llava_jax.models import common
+
+_EMBED_AXES = ("batch", "length", "act_embed")
+_INIT = nn.initializers.normal(0.02)  # HF LlamaConfig.initializer_range
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2] float32: 1 / θ^(2i/d), then Llama-3 scaling when given.
+
+  Mirrors transformers' `compute_default_rope_parameters` / `_compute_llama3_parameters` in float32:
+  wavelengths shorter than original_max / high_freq_factor are kept, longer than original_max /
+  low_freq_factor are divided by `factor`, and the band between is interpolated smoothly.
+  """
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  if scaling.rope_type != "llama3":
+    raise ValueError(f"rope scaling type {scaling.rope_type!r} is not supported (only 'llama3')")
+  if scaling.high_freq_factor == scaling.low_freq_factor:
+    raise ValueError("llama3 rope scaling needs high_freq_factor != low_freq_factor")
+  factor = np.float32(scaling.factor)
+  low, high = np.float32(scaling.low_freq_factor), np.float32(scaling.high_freq_factor)
+  old_len = np.float32(scaling.original_max_position_embeddings)
+  low_freq_wavelen = old_len / low
+  high_freq_wavelen = old_len / high
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> Tuple[jax.Array, jax.Array]:
+  """positions [B, T] int → (cos, sin) [B, T, head_dim] float32 (frequencies repeated over both halves)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, H, hd] rotated by (cos, sin) [B, T, hd] in HF's rotate_half convention; float32 inside."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids [B, T] (0 = padding) → bool mask [B, 1, T, T]: i sees j iff j ≤ i and seg[i] == seg[j] != 0."""
+  t = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+  same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+  return (same & causal[None])[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers
+
+
+def _dense(features: int, axes: Tuple[str, str], runtime: RuntimeOptions, name: str, **kw) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=runtime.jnp_dtype, param_dtype=runtime.jnp_param_dtype,
+                  kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name, **kw)
+
+
+class RMSNorm(nn.Module):
+  """HF LlamaRMSNorm: x / rms(x) in float32, cast back to x's dtype, times `scale`. [..., D] → [..., D]."""
+  eps: float
+  runtime: RuntimeOptions
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                       (x.shape[-1],), self.runtime.jnp_param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    normed = normed.astype(x.dtype).astype(jnp.float32)  # HF rounds to the input dtype before the weight
+    return (scale.astype(jnp.float32) * normed).astype(self.runtime.jnp_dtype)
+
+
+class LlamaAttention(nn.Module):
+  """Self-attention with RoPE and grouped-query heads: x [B, T, D] → [B, T, D].
+
+  q/k/v kernels are flat [D, heads * hd] (head h = columns h*hd:(h+1)*hd, as HF). `mask` [B, 1, T, S] bool.
+  """
+  config: TextConfig
+  runtime: RuntimeOptions
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    cfg, rt = self.config, self.runtime
+    h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
+    b, t, _ = x.shape
+    q = _dense(h * hd, ("embed", "heads"), rt, "q_proj")(x).reshape(b, t, h, hd)
+    k = _dense(hkv * hd, ("embed", "kv_heads"), rt, "k_proj")(x).reshape(b, t, hkv, hd)
+    v = _dense(hkv * hd, ("embed", "kv_heads"), rt, "v_proj")(x).reshape(b, t, hkv, hd)
+    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+    k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
+    v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
+    # A KV cache (decoding) goes here: append k/v at `positions`, then attend over the cache with its mask.
+    out = attend(q, k, v, mask, rt.attention_impl)
+    out = checkpoint_name(out.reshape(b, t, h * hd), "attn_out")
+    out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
+    return _dense(cfg.hidden_size, ("heads", "embed"), rt, "o_proj")(out)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+  """Attention kernel: q [B, T, H, hd], k/v [B, S, Hkv, hd], mask [B, 1, T, S] bool → [B, T, H, hd].
+
+  'xla' uses a float32 additive bias (finite, so fully masked padding rows stay NaN-free); the `jax.nn`
+  kernels ('dot_product', 'cudnn') take the bool mask directly.
+  """
+  if impl == "xla":
+    return common.attention(q, k, v, common.mask_to_bias(mask), impl="xla")
+  return common.attention(q, k, v, None, impl=impl, mask=mask)
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) · up(x)), [B, T, D] → [B, T, D]."""
+  config: TextConfig
+  runtime: RuntimeOptions
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg, rt = self.config, self.runtime
+    if cfg.hidden_act != "silu":
+      raise ValueError(f"text hidden_act={cfg.hidden_act!r} is not supported (LLaMA uses 'silu')")
+    gate = _dense(cfg.intermediate_size, ("embed", "mlp"), rt, "gate_proj")(x)
+    up = _dense(cfg.intermediate_size, ("embed", "mlp"), rt, "up_proj")(x)
+    y = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return _dense(cfg.hidden_size, ("mlp", "embed"), rt, "down_proj")(y)
+
+
+class LlamaDecoderLayer(nn.Module):
+  """One block: (x [B, T, D], cos, sin [B, T, hd], mask [B, 1, T, T]) → (x, None) (scan's (carry, y))."""
+  config: TextConfig
+  runtime: RuntimeOptions
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+    cfg, rt = self.config, self.runtime
+    h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
+    x = x + LlamaAttention(cfg, rt, name="self_attn")(h, cos, sin, mask)
+    h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
+    x = x + LlamaMLP(cfg, rt, name="mlp")(h)
+    return nn.with_logical_constraint(x, _EMBED_AXES), None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+
+
+class LlamaForCausalLM(nn.Module):
+  """Decoder with embedding and LM head. Methods: `embed`, `__call__`, `logits` (use `apply(..., method=)`).
+
+  Compute dtype `runtime.dtype`, params `runtime.param_dtype`; norms, softmax, RoPE and logits in float32.
+  """
+  config: TextConfig
+  runtime: RuntimeOptions
+
+  def setup(self):
+    cfg, rt = self.config, self.runtime
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+      raise ValueError(f"num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+                       f"num_key_value_heads {cfg.num_key_value_heads}")
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=rt.jnp_dtype, param_dtype=rt.jnp_param_dtype,
+        embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")))
+    block = common.wrap_block(LlamaDecoderLayer, rt)
+    if rt.scan_layers:
+      stack = common.scan_blocks(block, cfg.num_hidden_layers, in_axes=(nn.broadcast,) * 3)
+      self.layers = stack(cfg, rt)
+    else:
+      self.layers = [block(cfg, rt) for _ in range(cfg.num_hidden_layers)]  # named layers_0, layers_1, ...
+    self.norm = RMSNorm(cfg.rms_norm_eps, rt)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), rt, None,
+                            dot_general=functools.partial(jax.lax.dot_general,
+                                                          preferred_element_type=jnp.float32))
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """input_ids [B, T] int → [B, T, D] compute dtype. Ids outside [0, V) (e.g. -200) read row 0."""
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+    ids = jnp.where((input_ids >= 0) & (input_ids < self.config.vocab_size), input_ids, 0)
+    return nn.with_logical_constraint(self.embed_tokens(ids), _EMBED_AXES)
+
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+               return_hidden: bool = False) -> jax.Array:
+    """inputs_embeds [B, T, D], positions [B, T] int, segment_ids [B, T] int (0 = padding)
+    → logits [B, T, V] float32, or the final-normed hidden states [B, T, D] when `return_hidden`."""
+    cfg, rt = self.config, self.runtime
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+      raise ValueError(f"inputs_embeds must be [B, T, {cfg.hidden_size}], got {inputs_embeds.shape}")
+    for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+      if arr.shape != inputs_embeds.shape[:2]:
+        raise ValueError(f"{name} must be [B, T] = {inputs_embeds.shape[:2]}, got {arr.shape}")
+    if self.is_initializing() and not cfg.tie_word_embeddings:
+      self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # create the table even when only __call__ runs
+
+    x = nn.with_logical_constraint(inputs_embeds.astype(rt.jnp_dtype), _EMBED_AXES)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
+    mask = segment_causal_mask(segment_ids)
+    if rt.scan_layers:
+      x, _ = self.layers(x, cos, sin, mask)
+    else:
+      for layer in self.layers:
+        x, _ = layer(x, cos, sin, mask)
+    x = self.norm(x)
+    return x if return_hidden else self.logits(x)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] → logits [B, T, V] float32 (lm_head, or the embedding table when tied)."""
+    dtype = self.runtime.jnp_dtype
+    hidden = hidden.astype(dtype)
+    if self.config.tie_word_embeddings:
+      table = self.embed_tokens.embedding.astype(dtype)
+      out = jnp.einsum("btd,vd->btv", hidden, table, preferred_element_type=jnp.float32)
+    else:
+      out = self.lm_head(hidden)
+    return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
