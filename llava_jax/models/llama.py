@@ -144,6 +144,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str)
   """
   if impl == "xla":
     return common.attention(q, k, v, common.mask_to_bias(mask), impl="xla")
+  if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention_impl='cudnn' needs runtime.dtype bfloat16 or float16, got {q.dtype}")
   return common.attention(q, k, v, None, impl=impl, mask=mask)
 
 

@@ -29,6 +29,14 @@ CONFIGS = {
     "llama3_rope": dict(num_key_value_heads=1, rope_parameters=LLAMA3_ROPE),
     "theta_tied": dict(rope_parameters={"rope_type": "default", "rope_theta": 1234.5}, tie_word_embeddings=True),
 }
+CONTRACT_AXES = {  # param module name → logical axes of its leaf (docs/architecture.md)
+    "embed_tokens": ("vocab", "embed"), "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"), "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"), "input_layernorm": ("norm",),
+    "post_attention_layernorm": ("norm",), "norm": ("norm",), "lm_head": ("embed", "vocab"),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def hf_model(name):
   """(torch model, our TextConfig, torch state dict as numpy), built once per config name."""
@@ -236,6 +244,9 @@ def test_dot_product_attention_equals_xla():
   assert np.isfinite(out["dot_product"]).all()
   np.testing.assert_allclose(out["dot_product"], out["xla"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(out["dot_product"][0, 5:11], hf_logits(name, b[None])[0], atol=TOL, rtol=0)
+  _, variables, run = ours(name, attention_impl="cudnn")  # flash attention is GPU-only: check the guard
+  with pytest.raises(ValueError, match="cudnn"):
+    forward(run, variables, ids, positions=pos, segment_ids=seg)
 
 
 def test_sharded_apply_equals_unsharded():
@@ -273,11 +284,18 @@ def test_key_specs_cover_params_and_export_state_dict(name, scan):
   model = LlamaForCausalLM(cfg, RuntimeOptions(scan_layers=scan))
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 64)),
                             jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-  shapes = {tuple(k.key for k in path): leaf.value.shape
+  leaves = {tuple(k.key for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(
                 abstract["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]}
+  shapes = {path: leaf.value.shape for path, leaf in leaves.items()}
   paths = {leaf_path(s, scan)[1:] for s in specs}
   assert paths == set(shapes)  # the table covers exactly the module's param tree
+  for path, leaf in leaves.items():  # logical axes as docs/architecture.md lists them
+    names = tuple(leaf.names)
+    if scan and path[0] == "layers":
+      assert names[0] == "layers"
+      names = names[1:]
+    assert names == CONTRACT_AXES[path[-2]], path
 
   params = params_from_tensors(specs, sd.__getitem__, scan)
   for path, shape in shapes.items():
