@@ -16,6 +16,8 @@ RUNTIME = [
     "pillow>=10",
     "numpy",
     "tqdm",
+    "tensorboardX",  # TensorBoard event files without TensorFlow
+    "matplotlib",    # the loss-curve PNG
 ]
 
 EXTRAS = {
@@ -25,9 +27,15 @@ EXTRAS = {
         "pytest-xdist",
         "torch==2.13.0",
         "scikit-image",
+        # the TFDS source is tested for real: reading needs tensorflow-datasets + array_record,
+        # preparing the tiny test data set needs tensorflow-cpu
+        "tensorflow-datasets",
+        "array_record",
+        "tensorflow-cpu",
     ],
     "torch": ["torch==2.13.0"],  # only to read legacy pickle `.bin` checkpoints
-    "tfds": ["tensorflow-datasets", "array_record"],
+    "tfds": ["tensorflow-datasets", "array_record"],          # read prepared array_record data sets
+    "tfds-prepare": ["tensorflow-datasets", "array_record", "tensorflow-cpu"],  # prepare them
 }
 
 setup(

@@ -1,0 +1,107 @@
+"""Train-state checkpoints with orbax: params, optimizer state, step, RNG, data-iterator state, config.
+
+Layout in the workdir:
+  checkpoints/<step>/state/   the TrainState pytree (sharded arrays; restored directly onto target shardings)
+  checkpoints/<step>/data/    the input iterator's state (JSON), so a resumed run continues at the next batch
+  checkpoints/<step>/config/  the run's config (JSON), for eval / chat / export without the config file
+Saves are asynchronous; the manager keeps the newest `keep` checkpoints.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def encode_iterator_state(state: Any) -> dict:
+  """grain iterator state (dict or bytes) → JSON-safe dict."""
+  if isinstance(state, (bytes, bytearray)):
+    return {"kind": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+  return {"kind": "json", "value": state}
+
+
+def decode_iterator_state(blob: dict) -> Any:
+  if blob["kind"] == "bytes":
+    return base64.b64decode(blob["value"])
+  return blob["value"]
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, save_every: int = 1, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        item_names=("state", "data", "config"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                             enable_async_checkpointing=async_save, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, *, data_state=None, config: Optional[dict] = None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    items["data"] = ocp.args.JsonSave(encode_iterator_state(data_state) if data_state is not None else {"kind": "none"})
+    items["config"] = ocp.args.JsonSave(config or {})
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: Optional[int], abstract_state):
+    """Restore at `step` (None = latest) onto `abstract_state`'s shardings (a pytree of ShapeDtypeStruct with
+    .sharding, e.g. from jax.eval_shape + the target mesh — it may differ from the mesh that saved).
+    Returns (state, data_state or None, config dict)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    data = restored["data"]
+    return restored["state"], (None if data.get("kind") == "none" else decode_iterator_state(data)), restored["config"]
+
+  def restore_config(self, step: Optional[int] = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+  """Pytree of ShapeDtypeStruct carrying the given shardings (restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (cloud preemption, SLURM time limit): the loop saves and exits at the next step."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def install(self) -> "PreemptionFlag":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    self._event.set()
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
