@@ -128,7 +128,7 @@ def stream_params(config: LlavaConfig, plan: LoadPlan, *, mesh: Optional[Mesh] =
 def init_projector(config: LlavaConfig, params: dict, shardings, seed: int) -> None:
   """Fresh projector params (the stage-1 starting point) written into `params['multi_modal_projector']`."""
   features = jnp.zeros((1, 1, config.projector_in_features), config.runtime.jnp_dtype)
-  fresh = nn.unbox(Projector(config).init(jax.random.key(seed), features)["params"])
+  fresh = nn.unbox(jax.jit(Projector(config).init)(jax.random.key(seed), features)["params"])
   for path, value in traverse_util.flatten_dict(fresh).items():
     full = ("multi_modal_projector",) + path
     set_in(params, full, _place(np.asarray(value), shardings, full))

@@ -34,6 +34,7 @@ def restore_params(path: str, target_shardings: Optional[Any] = None) -> Any:
   path = os.path.abspath(path)
   with ocp.StandardCheckpointer() as ckpt:
     meta = ckpt.metadata(path).item_metadata
+    meta = getattr(meta, "tree", meta)  # TreeMetadata wraps the saved pytree
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if target_shardings is None:
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default), meta)
