@@ -21,14 +21,14 @@ import json
 import math
 import os
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from llava_jax.checkpoints.clip_keys import clip_key_specs
 from llava_jax.checkpoints.llama_keys import llama_key_specs
 from llava_jax.checkpoints.projector_keys import projector_key_specs
 from llava_jax.checkpoints.reader import TensorReader, has_weights
 from llava_jax.checkpoints.table import KeySpec
-from llava_jax.config import (LlavaConfig, TextConfig, VisionConfig, projector_depth, text_config_from_hf,
+from llava_jax.config import (LlavaConfig, TextConfig, VisionConfig, text_config_from_hf,
                               vision_config_from_hf)
 
 # transformers defaults for fields a config.json may omit (5.x values; unchanged since 4.3x). rope_theta

@@ -160,3 +160,24 @@ def test_loading_onto_a_mesh_places_each_leaf_on_its_sharding(model, saved):
   assert len(lm["layers"]["mlp"]["gate_proj"]["kernel"].addressable_shards[0].data.shape) == 3
   assert lm["layers"]["mlp"]["gate_proj"]["kernel"].addressable_shards[0].data.shape == (2, 32, 64)
   H.check_against(model, config, params)
+
+
+def test_streams_leaf_by_leaf(model, saved, monkeypatch):
+  """Each leaf is placed on its device before the next leaf's tensors are read: between two placements
+  only one leaf's rows (its layer slices) are read."""
+  from llava_jax.checkpoints import hf, reader
+  events = []
+  get, place = reader.TensorReader.get, hf._place
+  monkeypatch.setattr(reader.TensorReader, "get", lambda self, k: events.append(("read", k)) or get(self, k))
+  monkeypatch.setattr(hf, "_place", lambda leaf, sh, path: events.append(("place", path)) or place(leaf, sh, path))
+  config, params = load_pretrained(saved)
+  reads_between, n = [], 0
+  for kind, _ in events:
+    if kind == "read":
+      n += 1
+    else:
+      reads_between.append(n)
+      n = 0
+  assert n == 0 and len(reads_between) == len(jax.tree.leaves(params))
+  assert max(reads_between) == max(config.vision.num_hidden_layers, config.text.num_hidden_layers)
+  assert min(reads_between) == 1
