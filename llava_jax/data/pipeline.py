@@ -284,6 +284,8 @@ def make_dataset(source: Sequence[dict], *, tokenizer, template, image_size: int
     images_per_batch = rows * per_row
   if max_images_per_sample > images_per_batch:
     raise ValueError(f"max_images_per_sample={max_images_per_sample} > images_per_batch={images_per_batch}")
+  if image_root is None:
+    image_root = getattr(source, "image_root", None)
   if pad_id is None:
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
   spec = batching.BatchSpec(rows=rows, image_slots=int(images_per_batch), image_size=int(image_size),
@@ -321,7 +323,8 @@ def make_pipeline(source: Sequence[dict], **kwargs) -> BatchIterator:
 
   source: random access (len + __getitem__) records `{"id", "conversations", "image" | "images", "meta"}`.
   tokenizer, template (name or Template): how conversations become tokens (data/tokenize.py).
-  image_size, aspect_ratio ('square' | 'pad'), max_pixels, image_root: image loading and CLIP preprocessing.
+  image_size, aspect_ratio ('square' | 'pad'), max_pixels, image_root (default: `source.image_root`): image
+    loading and CLIP preprocessing.
   num_image_tokens, image_token_index: placeholders per image and their id.
   max_length: longest sequence (image placeholders included); longer samples are truncated or skipped.
   global_batch_size: rows over all hosts; each host yields global_batch_size / process_count rows.
@@ -331,7 +334,7 @@ def make_pipeline(source: Sequence[dict], **kwargs) -> BatchIterator:
   bucket_lengths: padding-mode row lengths (default quarter / half / full max_length); max_length always added.
   packing: several samples per row (T = max_length) with segment_ids and per-segment positions.
   images_per_batch, max_images_per_sample: image slots per batch and images per sample (see module doc).
-  group_by_modality, max_group_wait: separate image and text-only batches.
+  group_by_modality, max_group_wait (default 32 × rows fetched samples): separate image and text-only batches.
   strict: raise on the first bad sample instead of skipping it.
   pad_id: token id on padding (default: tokenizer.pad_token_id, else 0 as LLaVA's unk).
   read_threads, read_buffer_size, worker_buffer_size: grain ReadOptions / MultiprocessingOptions.

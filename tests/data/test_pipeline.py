@@ -11,6 +11,7 @@ from PIL import Image
 from llava_jax.data import image as image_lib
 from llava_jax.data import pipeline
 from llava_jax.data.errors import REASONS, SampleError
+from llava_jax.data.sources import LlavaJsonSource
 from llava_jax.data.tokenize import encode_conversation
 
 TEMPLATE = "vicuna_v1"
@@ -53,13 +54,17 @@ def make_corpus(root, n_image=10, n_text=5, seed=0):
   return [records[k] for k in order]
 
 
-def _source(records, root):
-  return records
+def _source(records, root, name="data.json"):
+  """The records as a LLaVA JSON file read back by LlavaJsonSource (image paths relative to root)."""
+  path = os.path.join(root, name)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(records, f)
+  return LlavaJsonSource(path, image_root=root)
 
 
-def _kw(tok, root, **over):
+def _kw(tok, **over):
   kw = dict(tokenizer=tok, template=TEMPLATE, image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS,
-            image_token_index=IMAGE_TOKEN, max_length=128, global_batch_size=4, seed=0, image_root=root,
+            image_token_index=IMAGE_TOKEN, max_length=128, global_batch_size=4, seed=0,
             max_pixels=MAX_PIXELS, process_index=0, process_count=1, bucket_lengths=(64, 96))
   kw.update(over)
   return kw
@@ -143,7 +148,7 @@ def corpus(tmp_path_factory):
 
 def test_padding_batches_have_fixed_shapes_buckets_and_exact_contents(corpus, tiny_tokenizer):
   root, records, by_id = corpus
-  it = pipeline.make_pipeline(_source(records, root), num_epochs=1, **_kw(tiny_tokenizer, root))
+  it = pipeline.make_pipeline(_source(records, root), num_epochs=1, **_kw(tiny_tokenizer))
   assert it.spec.buckets == (64, 96, 128) and it.spec.image_slots == 4
   batches = drain(it)
   seen_t = set()
@@ -162,7 +167,7 @@ def test_image_slots_bound_a_padding_batch(corpus, tiny_tokenizer):
   root, records, by_id = corpus
   image_only = [r for r in records if "image" in r]
   it = pipeline.make_pipeline(_source(image_only, root), num_epochs=1, images_per_batch=2,
-                              **_kw(tiny_tokenizer, root))
+                              **_kw(tiny_tokenizer))
   batches = drain(it)
   for batch, ids in batches:
     check_batch(batch, ids, by_id, tiny_tokenizer, root, rows=4, image_slots=2)
@@ -170,12 +175,31 @@ def test_image_slots_bound_a_padding_batch(corpus, tiny_tokenizer):
   assert sorted(flat(batches)) == sorted(r["id"] for r in image_only)
 
 
+def test_in_memory_images_from_the_synthetic_source(tiny_tokenizer):
+  """Records carrying PIL images ("images") instead of paths; placeholder order = image order."""
+  from llava_jax.data.sources import SyntheticShapesSource
+  source = SyntheticShapesSource(8, seed=3, image_size=40, multi_turn=True)
+  it = pipeline.make_pipeline(source, num_epochs=1, **_kw(tiny_tokenizer, global_batch_size=4))
+  batches = drain(it)
+  assert sorted(flat(batches)) == sorted(source[i]["id"] for i in range(8))
+  by_id = {source[i]["id"]: source[i] for i in range(8)}
+  for batch, ids in batches:
+    want = [image_lib.preprocess(image_lib.load_image(by_id[r[0]]["images"][0]), image_size=IMAGE_SIZE)
+            for r in ids]
+    np.testing.assert_array_equal(batch["pixel_values"][:len(want)], np.stack(want))
+    assert batch["image_valid"].tolist() == [True] * len(want) + [False] * (4 - len(want))
+    for r, row in enumerate(ids):
+      enc = encode_conversation(by_id[row[0]]["conversations"], TEMPLATE, tiny_tokenizer,
+                                num_image_tokens=NUM_IMAGE_TOKENS, image_token_index=IMAGE_TOKEN, max_length=128)
+      np.testing.assert_array_equal(batch["input_ids"][r, :len(enc.input_ids)], enc.input_ids)
+
+
 # ------------------------------------------------------------------------------------------------ order
 
 def test_shuffle_is_seeded_and_differs_per_epoch(corpus, tiny_tokenizer):
   root, records, by_id = corpus
   def order(seed, shuffle=True):
-    it = pipeline.make_pipeline(_source(records, root), num_epochs=2, **_kw(tiny_tokenizer, root, seed=seed,
+    it = pipeline.make_pipeline(_source(records, root), num_epochs=2, **_kw(tiny_tokenizer, seed=seed,
                                                                               shuffle=shuffle, global_batch_size=1))
     return flat(drain(it))
   a, a2, b = order(0), order(0), order(1)
@@ -193,7 +217,7 @@ def test_processes_read_disjoint_covering_shards(corpus, tiny_tokenizer):
   shards = []
   for index in range(count):
     it = pipeline.make_pipeline(_source(records, root), num_epochs=1,
-                                **_kw(tiny_tokenizer, root, global_batch_size=8, process_index=index,
+                                **_kw(tiny_tokenizer, global_batch_size=8, process_index=index,
                                       process_count=count))
     assert it.spec.rows == 2
     shards.append(flat(drain(it)))
@@ -202,7 +226,7 @@ def test_processes_read_disjoint_covering_shards(corpus, tiny_tokenizer):
   assert len(union) == count * (n // count)  # disjoint
   assert union <= set(by_id)
   with pytest.raises(ValueError, match="divisible"):
-    pipeline.make_pipeline(_source(records, root), **_kw(tiny_tokenizer, root, global_batch_size=6,
+    pipeline.make_pipeline(_source(records, root), **_kw(tiny_tokenizer, global_batch_size=6,
                                                          process_count=4))
 
 
@@ -234,7 +258,7 @@ def _first_fit(samples, rows, length, slots):
 def test_packing_is_first_fit_with_segments_and_restarting_positions(corpus, tiny_tokenizer):
   root, records, by_id = corpus
   it = pipeline.make_pipeline(_source(records, root), num_epochs=1, packing=True, shuffle=False,
-                              **_kw(tiny_tokenizer, root, global_batch_size=2, max_length=256))
+                              **_kw(tiny_tokenizer, global_batch_size=2, max_length=256))
   assert it.spec.image_slots == 2 * (256 // NUM_IMAGE_TOKENS)
   batches = drain(it)
   for batch, ids in batches:
@@ -248,7 +272,7 @@ def test_packing_is_first_fit_with_segments_and_restarting_positions(corpus, tin
 def test_packing_respects_image_slots(corpus, tiny_tokenizer):
   root, records, by_id = corpus
   it = pipeline.make_pipeline(_source(records, root), num_epochs=1, packing=True, shuffle=False,
-                              images_per_batch=3, **_kw(tiny_tokenizer, root, global_batch_size=2, max_length=256))
+                              images_per_batch=3, **_kw(tiny_tokenizer, global_batch_size=2, max_length=256))
   batches = drain(it)
   for batch, ids in batches:
     check_batch(batch, ids, by_id, tiny_tokenizer, root, rows=2, image_slots=3, t=256, max_length=256)
@@ -298,7 +322,7 @@ def test_batch_logits_equal_each_sample_run_alone(corpus, tiny_tokenizer, tiny_l
   root, records, by_id = corpus
   params, packed, alone = tiny_llava
   it = pipeline.make_pipeline(_source(records, root), num_epochs=1, packing=packing, shuffle=False,
-                              **_kw(tiny_tokenizer, root, global_batch_size=2, max_length=256,
+                              **_kw(tiny_tokenizer, global_batch_size=2, max_length=256,
                                     images_per_batch=4))
   batch, ids = next(it), it.last_ids
   if packing:
@@ -328,7 +352,7 @@ def _is_image_row(batch, r):
 @pytest.mark.parametrize("packing", [False, True])
 def test_group_by_modality(corpus, tiny_tokenizer, packing):
   root, records, by_id = corpus
-  kw = _kw(tiny_tokenizer, root, max_length=256) if packing else _kw(tiny_tokenizer, root)
+  kw = _kw(tiny_tokenizer, max_length=256) if packing else _kw(tiny_tokenizer)
   it = pipeline.make_pipeline(_source(records, root), num_epochs=1, packing=packing, group_by_modality=True, **kw)
   batches = drain(it)
   kinds = []
@@ -360,7 +384,7 @@ def test_group_waiting_too_long_is_emitted_early(corpus, tiny_tokenizer):
     source[i] = dict(r, id=f"{r['id']}#{i}")
   by_id2 = {r["id"]: dict(r) for r in source}
   it = pipeline.make_pipeline(_source(source, root), num_epochs=None, shuffle=False, group_by_modality=True,
-                              max_group_wait=6, **_kw(tiny_tokenizer, root, global_batch_size=2))
+                              max_group_wait=6, **_kw(tiny_tokenizer, global_batch_size=2))
   got = take(it, 6)
   # The text sample (fetch 5) has waited > 6 fetches once fetch 12 is due: 5 image batches went out before.
   pairs = [(0, 1), (2, 3), (4, 6), (7, 8), (9, 10)]
@@ -370,7 +394,210 @@ def test_group_waiting_too_long_is_emitted_early(corpus, tiny_tokenizer):
   # With the default bound (32 x rows fetches) it waits for the next epoch's text sample
   # (fetch 21 + 5): a full batch, the 13th.
   it = pipeline.make_pipeline(_source(source, root), num_epochs=None, shuffle=False, group_by_modality=True,
-                              **_kw(tiny_tokenizer, root, global_batch_size=2))
+                              **_kw(tiny_tokenizer, global_batch_size=2))
   ids = [ids for _, ids in take(it, 13)]
   assert ids[12] == [[f"{text['id']}#5"], [f"{text['id']}#5"]]
   assert all("txt" not in sid for row in ids[:12] for sid in row)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def _assert_same_batches(got, want):
+  assert len(got) == len(want)
+  for (b1, ids1), (b2, ids2) in zip(got, want):
+    assert ids1 == ids2
+    assert set(b1) == set(b2)
+    for k in b1:
+      assert b1[k].dtype == b2[k].dtype and b1[k].shape == b2[k].shape, k
+      assert b1[k].tobytes() == b2[k].tobytes(), k
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(packing=True, max_length=256), dict(group_by_modality=True),
+                                  dict(packing=True, group_by_modality=True, max_length=256)],
+                         ids=["padding", "packing", "grouped", "packing-grouped"])
+def test_restored_state_resumes_at_exactly_the_next_batch(corpus, tiny_tokenizer, mode):
+  root, records, by_id = corpus
+  source = records + [{"id": "gone", "image": "gone.png", "conversations": _turns("Hm?", "No.", image=True)}]
+  kw = _kw(tiny_tokenizer, **mode)
+  it = pipeline.make_pipeline(_source(source, root), num_epochs=None, **kw)
+  reference, states, counts = [], [], []
+  for _ in range(9):
+    states.append(json.loads(json.dumps(it.get_state())))  # the state is JSON-serializable
+    counts.append(it.skip_counts())
+    reference.append((next(it), it.last_ids))
+  assert counts[-1]["missing_file"] >= 1
+  waiting = 0
+  for k in (1, 3, 5, 6):
+    restored = pipeline.make_pipeline(_source(source, root), num_epochs=None, **kw)
+    restored.set_state(states[k])
+    assert restored.skip_counts() == counts[k]
+    _assert_same_batches(take(restored, 3), reference[k:k + 3])
+    waiting += bool(states[k]["keep"])
+  if mode.get("packing") or mode.get("group_by_modality"):
+    assert waiting, "no checkpoint was taken with samples waiting in an open batch: the replay went untested"
+
+
+# ------------------------------------------------------------------------------------------------ bad data
+
+HOSTILE_COUNTS = {"missing_file": 1, "unreadable_image": 3, "malformed_conversation": 3, "image_mismatch": 2,
+                  "too_long": 2, "no_supervised_tokens": 1}
+
+
+def make_hostile(root):
+  """LLaVA records with every kind of bad sample, and odd but valid images. Returns (records, good ids)."""
+  rng = np.random.default_rng(1)
+  os.makedirs(root, exist_ok=True)
+  p = lambda name: os.path.join(root, name)  # noqa: E731
+  _save_png(p("ok.png"), rng)
+  Image.fromarray(rng.integers(0, 65536, (20, 30)).astype("<u2")).save(p("gray16.png"))  # mode I;16
+  Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).convert("CMYK").save(p("cmyk.jpg"))
+  Image.fromarray(rng.integers(0, 256, (25, 25, 4), dtype=np.uint8)).save(p("rgba.png"))
+  Image.fromarray(np.array([[[200, 10, 10]]], np.uint8)).save(p("one.png"))
+  _save_png(p("big.png"), rng, size=(300, 200))  # 60000 pixels > MAX_PIXELS
+  for name, mode in (("gray16.png", "I;16"), ("cmyk.jpg", "CMYK"), ("rgba.png", "RGBA")):
+    assert Image.open(p(name)).mode == mode
+  _save_png(p("full.png"), rng, size=(40, 40))
+  with open(p("full.png"), "rb") as f:
+    data = f.read()
+  with open(p("truncated.png"), "wb") as f:
+    f.write(data[:len(data) // 2])
+  with open(p("fake.jpg"), "w") as f:
+    f.write("this is not a JPEG")
+  q = lambda i: _turns("What is this?", "A picture.", image=True)  # noqa: E731
+  long_answer = " ".join(WORDS * 12)
+  good = [
+      {"id": "good-png", "image": "ok.png", "conversations": q(0)},
+      {"id": "good-16bit", "image": "gray16.png", "conversations": q(0)},
+      {"id": "good-cmyk", "image": "cmyk.jpg", "conversations": q(0)},
+      {"id": "good-rgba", "image": "rgba.png", "conversations": q(0)},
+      {"id": "good-1x1", "image": "one.png", "conversations": q(0)},
+      {"id": "good-text", "conversations": _turns("Hello there.", "Hi.")},
+      {"id": "good-two-images", "image": ["ok.png", "rgba.png"],
+       "conversations": q(0) + _turns("And this one <image>", "Another picture.")},
+      {"id": "good-long", "conversations": _turns("Tell me.", long_answer)},  # truncated, still supervised
+  ]
+  bad = [
+      {"id": "bad-missing", "image": "nowhere.png", "conversations": q(0)},
+      {"id": "bad-truncated", "image": "truncated.png", "conversations": q(0)},
+      {"id": "bad-not-image", "image": "fake.jpg", "conversations": q(0)},
+      {"id": "bad-oversized", "image": "big.png", "conversations": q(0)},
+      {"id": "bad-empty", "conversations": []},
+      {"id": "bad-one-sided", "conversations": [{"from": "human", "value": "Anyone?"}]},
+      {"id": "bad-non-alternating", "conversations": [{"from": "human", "value": "One."},
+                                                      {"from": "human", "value": "Two."},
+                                                      {"from": "gpt", "value": "Three."}]},
+      {"id": "bad-question-too-long", "conversations": _turns(long_answer, "Ok.")},
+      {"id": "bad-image-cut", "image": ["ok.png", "one.png"],
+       "conversations": _turns("<image>\nFirst?", long_answer) + _turns("<image>\nSecond?", "No.")},
+      {"id": "bad-three-images", "image": ["ok.png", "ok.png", "ok.png"],
+       "conversations": _turns("<image><image><image>\nThree?", "Yes.")},
+      {"id": "bad-no-placeholder", "image": "ok.png", "conversations": _turns("No placeholder here.", "Right.")},
+      {"id": "bad-no-image", "conversations": _turns("<image>\nWhere is the image?", "Missing.")},
+  ]
+  records = []
+  for i in range(max(len(good), len(bad))):  # interleaved: bad samples sit between good ones
+    records += good[i:i + 1] + bad[i:i + 1]
+  return records, [r["id"] for r in good]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("hostile"))
+  records, good = make_hostile(root)
+  return root, records, good, {r["id"]: r for r in records}
+
+
+def _hostile_kw(tok, **over):
+  return _kw(tok, max_images_per_sample=2, **over)
+
+
+def test_hostile_corpus_is_skipped_and_counted_per_reason(hostile, tiny_tokenizer, caplog):
+  root, records, good, by_id = hostile
+  with caplog.at_level("WARNING", logger="llava_jax.data.pipeline"):
+    it = pipeline.make_pipeline(_source(records, root), num_epochs=1, **_hostile_kw(tiny_tokenizer))
+    batches = drain(it)
+  assert it.skip_counts() == {r: HOSTILE_COUNTS.get(r, 0) for r in REASONS}
+  assert sorted(flat(batches)) == sorted(good)
+  for batch, ids in batches:
+    check_batch(batch, ids, by_id, tiny_tokenizer, root, rows=4, image_slots=8)
+  logged = caplog.text
+  for r in records:
+    if r["id"].startswith("bad-"):
+      assert r["id"] in logged
+  assert "[missing_file]" in logged and "[too_long]" in logged
+
+
+def test_strict_mode_raises_naming_the_sample(hostile, tiny_tokenizer):
+  root, records, good, by_id = hostile
+  it = pipeline.make_pipeline(_source(records, root), num_epochs=1, shuffle=False, strict=True,
+                              **_hostile_kw(tiny_tokenizer))
+  with pytest.raises(SampleError, match="bad-missing") as e:
+    drain(it)
+  assert e.value.reason == "missing_file" and e.value.sample_id == "bad-missing"
+  assert "nowhere.png" in str(e.value)
+
+
+def test_all_bad_data_fails_instead_of_spinning(hostile, tiny_tokenizer):
+  root, records, good, by_id = hostile
+  bad = [r for r in records if r["id"].startswith("bad-")]
+  it = pipeline.make_pipeline(_source(bad, root, "bad.json"), num_epochs=None, **_hostile_kw(tiny_tokenizer))
+  with pytest.raises(RuntimeError, match="skipped"):
+    next(it)
+
+
+def test_workers_give_the_same_batches_and_counts(hostile, tiny_tokenizer):
+  """Decoding in 2 worker processes gives the same batches, byte for byte, and the same skip counts as
+  in-process decoding; a state taken with samples waiting in an open batch restores through the workers."""
+  root, records, good, by_id = hostile
+  source = _source(records, root)
+  kw = _hostile_kw(tiny_tokenizer, packing=True, group_by_modality=True, num_epochs=1)
+  want_it = pipeline.make_pipeline(source, **kw)
+  want = drain(want_it)
+  it = pipeline.make_pipeline(source, worker_count=2, **kw)
+  try:
+    got = take(it, 1)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["keep"], "the checkpoint should hold a waiting sample"
+    got += drain(it)
+    assert it.skip_counts() == want_it.skip_counts() == {r: HOSTILE_COUNTS.get(r, 0) for r in REASONS}
+    _assert_same_batches(got, want)
+    it.set_state(state)
+    _assert_same_batches(drain(it), want[1:])
+  finally:
+    it.close()
+  assert sorted(flat(want)) == sorted(good)
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+def test_inspect_writes_jsonl_and_marks_supervised_spans(hostile, tiny_tokenizer, tmp_path):
+  from llava_jax.data.inspect import describe, inspect_samples
+  root, records, good, by_id = hostile
+  chosen = [by_id["good-two-images"], by_id["good-text"], by_id["bad-missing"]]
+  out = tmp_path / "inspect" / "samples.jsonl"
+  printed = []
+  counts = inspect_samples(_source(chosen, root, "inspect.json"), tiny_tokenizer, TEMPLATE,
+                           num_image_tokens=NUM_IMAGE_TOKENS, image_token_index=IMAGE_TOKEN, max_length=128,
+                           out_path=str(out), limit=None, print_fn=printed.append)
+  assert counts["samples"] == 2 and counts["missing_file"] == 1
+  lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+  assert [line["id"] for line in lines] == ["good-two-images", "good-text", "bad-missing"]
+  for line in lines[:2]:
+    assert set(line) == {"id", "input_ids", "loss_mask", "text", "supervised_text"}
+    x_ids, x_mask, _ = _expected(by_id[line["id"]], tiny_tokenizer, root, 128)
+    assert line["input_ids"] == x_ids.tolist() and line["loss_mask"] == x_mask.astype(int).tolist()
+  two = lines[0]
+  # The reference prompt (vicuna_v1), decoded: images compact, answers + "</s>" the only supervised text.
+  system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+            "helpful, detailed, and polite answers to the user's questions.")
+  img = f"<image×{NUM_IMAGE_TOKENS}>"
+  assert two["text"] == (f"<s> {system} USER: {img}\nWhat is this? ASSISTANT: A picture.</s>"
+                         f"USER: {img}\nAnd this one ASSISTANT: Another picture.</s>")
+  assert [s.strip() for s in two["supervised_text"]] == ["A picture.</s>", "Another picture.</s>"]
+  assert lines[1]["supervised_text"][0].strip() == "Hi.</s>"
+  assert lines[2]["skip"] == "missing_file" and "nowhere.png" in lines[2]["error"]
+  assert "[[ A picture.</s>]]" in printed[0] and img in printed[0]
+  assert "SKIPPED [missing_file]" in printed[2]
+  colored = describe(two["input_ids"], two["loss_mask"], tiny_tokenizer, image_token_index=IMAGE_TOKEN,
+                     num_image_tokens=NUM_IMAGE_TOKENS, color=True)
+  assert colored["marked"].count("\x1b[1;32m") == 2 and colored["text"] == two["text"]
