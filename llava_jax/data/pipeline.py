@@ -12,7 +12,9 @@ worker_count. Same seed → same order; each epoch is shuffled differently (grai
 
 Sharding. Hosts shuffle with the same seed and each takes the slice process_index::process_count of the
 shuffled epoch (trimmed to a multiple of process_count so all hosts see the same number of samples), so the
-hosts read disjoint slices that together cover the epoch (minus < process_count samples).
+hosts read disjoint slices that together cover the epoch (minus < process_count samples). Hosts skip different
+bad samples, so with a finite num_epochs they can run out a batch or two apart: multi-host training should use
+num_epochs=None and a fixed number of steps.
 
 Checkpointing. `get_state()` / `set_state()` on the returned iterator (a grain DatasetIterator; also orbax's
 `save` / `load`). Samples waiting in an open batch are not serialized: the state holds the parent (grain) state
@@ -82,7 +84,7 @@ class _Group:
 class BatchIterator(grain.DatasetIterator):
   """Per-host batches of fixed shapes (see data/batching.py) with exact skip accounting and resumable state.
 
-  Extra public API: `skip_counts()`, `samples_seen`, `batches_produced`, `last_ids` (the sample ids of the last
+  Extra public API: `skip_counts()`, `metrics()`, `samples_seen`, `batches_produced`, `last_ids` (the sample ids of the last
   batch, one list per row), `spec` (a BatchSpec: rows, image slots, buckets).
   """
 
@@ -107,6 +109,12 @@ class BatchIterator(grain.DatasetIterator):
   def skip_counts(self) -> Dict[str, int]:
     """{reason: number of samples skipped for it} on this host, every reason of errors.REASONS listed."""
     return {r: int(self._counts.get(r, 0)) for r in REASONS}
+
+  def metrics(self, prefix: str = "data/") -> Dict[str, int]:
+    """Flat counters for the training log: samples and batches produced, skips per reason (this host)."""
+    out = {f"{prefix}samples": int(self.samples_seen), f"{prefix}batches": int(self.batches_produced)}
+    out.update({f"{prefix}skipped/{r}": n for r, n in self.skip_counts().items()})
+    return out
 
   def __next__(self) -> Dict[str, np.ndarray]:
     self._assert_not_closed()

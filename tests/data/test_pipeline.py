@@ -518,6 +518,9 @@ def test_hostile_corpus_is_skipped_and_counted_per_reason(hostile, tiny_tokenize
     batches = drain(it)
   assert it.skip_counts() == {r: HOSTILE_COUNTS.get(r, 0) for r in REASONS}
   assert sorted(flat(batches)) == sorted(good)
+  metrics = it.metrics()
+  assert metrics["data/samples"] == len(good) and metrics["data/batches"] == len(batches)
+  assert metrics["data/skipped/unreadable_image"] == 3
   for batch, ids in batches:
     check_batch(batch, ids, by_id, tiny_tokenizer, root, rows=4, image_slots=8)
   logged = caplog.text
