@@ -1,0 +1,287 @@
+"""The training step against transformers (loss and gradients of LlavaForConditionalGeneration in PyTorch on the
+same weights and batch) and against itself across meshes, micro-batch counts, trainable sets and loss chunking.
+
+Gradients are read back from AdamW's first moment after one step (mu = (1 − β1)·g with no clipping), so every
+run uses the real optimizer and still exposes its gradient.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from llava_jax import parallel
+from llava_jax.train import optim
+from llava_jax.train import sharding as shd
+from llava_jax.train.state import create_train_state, split_params
+from llava_jax.train.step import make_eval_step, make_train_step, next_token_targets
+from tests import fixtures
+
+STAGE1 = r"multi_modal_projector/.*"
+STAGE2 = r"multi_modal_projector/.*|language_model/.*"
+FAST = dict(xla_backend_optimization_level=0)  # compile time dominates these tests
+B, T = 16, 48
+IMAGE_ROWS = (0, 1, 2, 5, 6, 9)
+IMAGE_VALID = np.array([1, 1, 1, 0, 1, 1, 1, 0], bool)  # a padding slot mid-way, as per-host padding makes it
+OPT = optim.make_optimizer(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.1,
+                           max_grad_norm=None)
+
+
+def make_batch(config, seed):
+  """B rows, right-padded; rows in IMAGE_ROWS start with BOS + one image run. Supervised spans at the row ends,
+  long on rows ≡ 0 (mod 4) and a single token on rows ≡ 3, so micro-batches (rows j::k) differ in token count."""
+  rs = np.random.RandomState(seed)
+  k_img, img = config.num_image_tokens, config.image_token_index
+  ids = np.zeros((B, T), np.int32)
+  loss_mask = np.zeros((B, T), bool)
+  seg = np.zeros((B, T), np.int32)
+  for r in range(B):
+    head = [1] + ([img] * k_img if r in IMAGE_ROWS else [])
+    length = rs.randint(len(head) + 8, T + 1)
+    ids[r, :length] = head + list(rs.randint(3, 120, length - len(head)))
+    seg[r, :length] = 1
+    n_sup = {0: length - len(head) - 2, 1: 4, 2: 3, 3: 1}[r % 4]
+    loss_mask[r, length - n_sup:length] = True
+  return dict(input_ids=ids, loss_mask=loss_mask, segment_ids=seg,
+              positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+              pixel_values=rs.randn(len(IMAGE_VALID), 28, 28, 3).astype(np.float32), image_valid=IMAGE_VALID)
+
+
+def hf_reference(model, config, batch):
+  """transformers' loss (labels = input_ids where supervised, else -100), per-token CE, argmax accuracy, grads."""
+  ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+  attn = torch.from_numpy((batch["segment_ids"] > 0).astype(np.int64))
+  labels = torch.where(torch.from_numpy(batch["loss_mask"]) & (attn > 0), ids, torch.tensor(-100))
+  pixels = torch.from_numpy(batch["pixel_values"][batch["image_valid"]].transpose(0, 3, 1, 2).copy())
+  pixels = pixels if len(pixels) else None
+  model.zero_grad()
+  out = model(input_ids=ids, pixel_values=pixels, attention_mask=attn, labels=labels)
+  out.loss.backward()
+  logits = out.logits.detach().float()
+  shifted = labels[:, 1:]
+  ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                         reduction="none", ignore_index=-100).reshape(shifted.shape).numpy()
+  sup = (shifted != -100).numpy()
+  # the loss is exactly the mean CE over supervised next tokens (the label shift we implement)
+  np.testing.assert_allclose(out.loss.item(), ce[sup].mean(), rtol=1e-6)
+  correct = (logits[:, :-1].argmax(-1) == shifted).numpy() & sup
+  grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+           for n, p in model.named_parameters()}
+  grad_tree = fixtures.llava_params_from_hf_model(SimpleNamespace(state_dict=lambda: grads), config)
+  return dict(loss=out.loss.item(), ce=ce, sup=sup, tokens=int(sup.sum()), accuracy=correct.sum() / sup.sum(),
+              grads=grad_tree)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = fixtures.tiny_hf_llava(seed=3)
+  config = fixtures.llava_config_from_hf_model(model, scan_layers=True)
+  params = fixtures.llava_params_from_hf_model(model, config)
+  batches = [make_batch(config, 10), make_batch(config, 11)]
+  ref = hf_reference(model, config, batches[0])
+  cache = {}
+
+  def run(shape, k, patterns=STAGE2, freeze="vision_tower/.*", chunk=0):
+    """Two train steps on mesh `shape` with k micro-batches → per step (metrics, numpy state)."""
+    key = (shape, k, patterns, freeze, chunk)
+    if key not in cache:
+      mesh = parallel.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+      state = create_train_state(config, OPT, mesh, 0, trainable_patterns=patterns, freeze=freeze, params=params)
+      step = make_train_step(config, OPT, mesh, micro_batches=k, chunked_loss=chunk, compiler_options=FAST)
+      out = []
+      for batch in batches:
+        state, metrics = step(state, batch)
+        out.append((jax.device_get(metrics), jax.device_get(state)))
+      cache[key] = out
+    return cache[key]
+
+  return SimpleNamespace(model=model, config=config, params=params, batches=batches, ref=ref, run=run)
+
+
+def adam_moments(opt_state):
+  """(mu, nu) of the ScaleByAdamState inside an optax chain."""
+  if hasattr(opt_state, "mu") and hasattr(opt_state, "nu"):
+    return opt_state.mu, opt_state.nu
+  children = opt_state if isinstance(opt_state, (tuple, list)) else getattr(opt_state, "inner_state", ())
+  for child in (children if isinstance(children, (tuple, list)) else (children,)):
+    found = adam_moments(child)
+    if found is not None:
+      return found
+  return None
+
+
+def flat(tree):
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def assert_grads_match(grads_from_mu, ref_grads, paths=None):
+  ref = flat(ref_grads)
+  ours = flat(grads_from_mu)
+  assert set(ours) == set(paths if paths is not None else ours)
+  for p, g in ours.items():
+    want = ref[p]
+    scale = max(np.abs(want).max(), 1e-8)
+    np.testing.assert_allclose(g, want, rtol=0, atol=2e-4 * scale + 1e-8, err_msg=p)
+
+
+def grads_of(state):
+  mu, _ = adam_moments(state.opt_state)
+  return jax.tree.map(lambda m: np.asarray(m) / (1 - 0.9), mu)
+
+
+def test_single_device_step_matches_transformers(setup):
+  (m1, s1), _ = setup.run((1, 1, 1), 1)
+  ref = setup.ref
+  assert int(m1["tokens"]) == ref["tokens"]
+  np.testing.assert_allclose(m1["loss"], ref["loss"], rtol=2e-6)
+  np.testing.assert_allclose(m1["accuracy"], ref["accuracy"], atol=1e-7)
+  np.testing.assert_allclose(m1["learning_rate"], 1e-3, rtol=1e-7)
+  grads = grads_of(s1)
+  trainable, _ = split_params(ref["grads"], STAGE2)
+  assert_grads_match(grads, ref["grads"], paths=flat(trainable).keys())
+  ref_norm = np.sqrt(sum(np.sum(np.square(g)) for g in flat(trainable).values()))
+  np.testing.assert_allclose(m1["grad_norm"], ref_norm, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,k", [((8, 1, 1), 2), ((2, 4, 1), 1), ((2, 2, 2), 4)])
+def test_sharded_step_equals_single_device(setup, shape, k):
+  base = setup.run((1, 1, 1), 1)
+  got = setup.run(shape, k)
+  for (mb, _), (mg, _) in zip(base, got):
+    assert int(mg["tokens"]) == int(mb["tokens"])
+    for name in ("loss", "accuracy", "grad_norm", "learning_rate"):
+      np.testing.assert_allclose(mg[name], mb[name], rtol=1e-5, err_msg=name)
+  sb, sg = base[-1][1], got[-1][1]
+  (mu_b, nu_b), (mu_g, nu_g) = adam_moments(sb.opt_state), adam_moments(sg.opt_state)
+  # moments (hence gradients) to float32 reduction-order noise relative to each leaf's scale; params to a
+  # small fraction of one AdamW step (lr 1e-3): AdamW divides by sqrt(nu), amplifying noise on ~0 gradients
+  for name, a, b, tol in (("mu", mu_g, mu_b, 1e-4), ("nu", nu_g, nu_b, 1e-4), ("params", sg.params, sb.params, None)):
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for p in fa:
+      atol = 5e-3 * 1e-3 if tol is None else tol * np.abs(fb[p]).max()
+      np.testing.assert_allclose(fa[p], fb[p], rtol=0, atol=atol, err_msg=f"{name} {p}")
+  assert int(sg.step) == 2
+
+
+def micro_batch(batch, rows):
+  """The rows `rows` of a batch with their own images (valid images belong to IMAGE_ROWS in order)."""
+  valid_px = batch["pixel_values"][batch["image_valid"]]
+  px = np.asarray([valid_px[IMAGE_ROWS.index(r)] for r in rows if r in IMAGE_ROWS], np.float32)
+  px = px.reshape(-1, *valid_px.shape[1:])  # a micro-batch may hold no image at all
+  sub = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_valid")}
+  return dict(sub, pixel_values=px, image_valid=np.ones(len(px), bool))
+
+
+def test_accumulation_is_token_weighted_not_mean_of_means(setup):
+  """k = 4 micro-batches (rows j::4) with very different supervised-token counts: loss and gradient are the whole
+  batch's token-weighted mean (transformers on the whole batch), not the mean of the micro-batch means
+  (transformers on each micro-batch, averaged — what the reference's accumulation computes)."""
+  ref, k = setup.ref, 4
+  counts = [int(ref["sup"][j::k].sum()) for j in range(k)]
+  assert len(set(counts)) == k and max(counts) > 5 * min(counts)
+  micro = [hf_reference(setup.model, setup.config, micro_batch(setup.batches[0], np.arange(B)[j::k]))
+           for j in range(k)]
+  assert [r["tokens"] for r in micro] == counts
+  mean_of_means = np.mean([r["loss"] for r in micro])
+  (m, s), _ = setup.run((2, 2, 2), k)
+  np.testing.assert_allclose(m["loss"], ref["loss"], rtol=2e-6)
+  assert abs(mean_of_means - ref["loss"]) > 100 * 2e-6 * ref["loss"]  # the weightings differ beyond tolerance
+  trainable, _ = split_params(ref["grads"], STAGE2)
+  ours = grads_of(s)
+  assert_grads_match(ours, ref["grads"], paths=flat(trainable).keys())
+  mom = jax.tree.map(lambda *g: np.mean(g, axis=0), *[split_params(r["grads"], STAGE2)[0] for r in micro])
+  tw = flat(trainable)
+  rel = lambda a: np.sqrt(sum(np.sum((a[p] - tw[p]) ** 2) for p in tw) / sum(np.sum(tw[p] ** 2) for p in tw))
+  assert rel(flat(ours)) < 1e-4 and rel(flat(mom)) > 0.05, (rel(flat(ours)), rel(flat(mom)))
+
+
+def test_stage1_updates_only_the_projector(setup):
+  (m, s), _ = setup.run((2, 2, 2), 2, patterns=STAGE1)
+  before = flat(setup.params)
+  assert set(s.params) == {"multi_modal_projector"}
+  assert set(s.frozen) == {"vision_tower", "language_model"}
+  for p, x in flat(s.frozen).items():
+    assert x.dtype == before[p].dtype and np.array_equal(x, before[p]), p  # bit-identical
+  for p, x in flat(s.params).items():
+    assert not np.array_equal(x, before[p]), p
+  # optimizer state: only projector-shaped leaves (AdamW mu and nu), besides scalar counters
+  paths = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(s.opt_state)
+           if np.ndim(leaf) > 0]
+  assert paths and all("multi_modal_projector" in p for p in paths)
+  assert len(paths) == 2 * len(flat(s.params))
+  trainable, _ = split_params(setup.ref["grads"], STAGE1)
+  assert_grads_match(grads_of(s), setup.ref["grads"], paths=flat(trainable).keys())
+  np.testing.assert_allclose(m["loss"], setup.ref["loss"], rtol=2e-6)
+
+
+def test_trainable_vision_tower_and_chunked_loss(setup):
+  """Everything trainable (vision gradients pulled back once through the tower) with a chunked loss whose chunk
+  (7) does not divide T: loss and every gradient match transformers; the loss equals the plain step's."""
+  (m, s), _ = setup.run((2, 2, 2), 2, patterns=".*", freeze=None, chunk=7)
+  assert set(s.params) == {"vision_tower", "multi_modal_projector", "language_model"} and not s.frozen
+  np.testing.assert_allclose(m["loss"], setup.ref["loss"], rtol=2e-6)
+  (plain, _), _ = setup.run((1, 1, 1), 1)
+  np.testing.assert_allclose(m["loss"], plain["loss"], rtol=1e-6)
+  assert_grads_match(grads_of(s), setup.ref["grads"], paths=flat(setup.ref["grads"]).keys())
+  assert np.abs(flat(grads_of(s))["vision_tower/encoder/layers/mlp/fc1/kernel"]).max() > 0
+
+
+def test_eval_step_matches_transformers_and_keeps_state(setup):
+  mesh = parallel.make_mesh((2, 4, 1))
+  state = create_train_state(setup.config, OPT, mesh, 0, trainable_patterns=STAGE2, params=setup.params)
+  evaluate = make_eval_step(setup.config, mesh, micro_batches=2, compiler_options=FAST)
+  m = jax.device_get(evaluate(state, setup.batches[0]))
+  assert int(m["tokens"]) == setup.ref["tokens"]
+  np.testing.assert_allclose(m["loss"], setup.ref["loss"], rtol=2e-6)
+  np.testing.assert_allclose(m["accuracy"], setup.ref["accuracy"], atol=1e-7)
+  np.testing.assert_allclose(m["loss_sum"] / m["tokens"], m["loss"], rtol=1e-6)
+  again = jax.device_get(evaluate(state, setup.batches[0]))  # state not donated
+  assert again["loss"] == m["loss"] and int(state.step) == 0
+
+
+def test_create_train_state_random_init_lands_on_shardings(setup):
+  mesh = parallel.make_mesh((2, 4, 1))
+  state = create_train_state(setup.config, OPT, mesh, jax.random.key(1), trainable_patterns=STAGE2)
+  lm_head = state.params["language_model"]["lm_head"]["kernel"]
+  assert lm_head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert lm_head.addressable_shards[0].data.shape == (lm_head.shape[0] // 4, lm_head.shape[1])
+  mu, nu = adam_moments(state.opt_state)
+  for tree in (mu, nu):
+    for (p, x), (_, w) in zip(flat(tree).items(), flat(state.params).items()):
+      assert x.sharding == w.sharding, p
+  assert "vision_tower" in state.frozen and "vision_tower" not in state.params
+  assert float(jnp.std(lm_head)) > 0.01  # really initialized
+  assert state.step.sharding.is_fully_replicated and state.rng.dtype == jnp.uint32
+
+
+def test_next_token_targets_rule():
+  """t predicts t+1, supervised iff loss_mask[t+1], same non-pad segment, in-vocab and not a placeholder."""
+  ids = np.array([[1, 5, 6, 7, 1, 8, 9, 0], [1, 99, -200, 4, 5, 6, 2, 0]], np.int32)
+  mask = np.array([[0, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 1, 0]], bool)
+  seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 0]], np.int32)
+  targets, weights = next_token_targets(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(seg), 64, 99)
+  np.testing.assert_array_equal(np.asarray(weights), [[1, 1, 1, 0, 1, 1, 0, 0],  # no cross-segment, no pad
+                                                     [0, 0, 1, 1, 0, 1, 0, 0]])  # 99 placeholder, -200, 5 unmasked
+  np.testing.assert_array_equal(np.asarray(targets)[0, :6], [5, 6, 7, 1, 8, 9])
+
+
+def test_mesh_and_batch_errors_say_what_to_change(setup):
+  with pytest.raises(ValueError, match=r"set config.mesh so data\*fsdp\*tensor == 8"):
+    parallel.make_mesh((3, 1, 1))
+  mesh = parallel.make_mesh((8, 1, 1))
+  batch = setup.batches[0]
+  with pytest.raises(ValueError, match=r"global_batch_size a multiple of 8 "):
+    shd.shard_batch({k: v[:12] for k, v in batch.items() if k not in ("pixel_values", "image_valid")}, mesh)
+  with pytest.raises(ValueError, match=r"multiple of 32 \(= data·fsdp·micro_batches\)"):
+    shd.shard_batch(batch, mesh, micro_batches=4)
+  with pytest.raises(ValueError, match=r"6 image slots.*multiple of 8"):
+    shd.shard_batch(dict(batch, pixel_values=batch["pixel_values"][:6], image_valid=IMAGE_VALID[:6]), mesh)
+  with pytest.raises(ValueError, match=r"96 image placeholders.*5 valid image"):
+    shd.check_image_slots(dict(batch, image_valid=IMAGE_VALID & (np.arange(8) != 0)),
+                          setup.config.num_image_tokens, setup.config.image_token_index)
+  shd.check_image_slots(batch, setup.config.num_image_tokens, setup.config.image_token_index)
