@@ -21,10 +21,10 @@ def get_config(arg: str = ""):
                             remat_policy="none"),
       init=r.init_section(seed=0),
       data=r.data_section(source="synthetic", synthetic_samples=64, tokenizer="synthetic", template="vicuna_v1",
-                          max_length=96, bucket_lengths=(96,), worker_count=0),
+                          max_length=160, bucket_lengths=(160,), worker_count=0),
       train=r.train_section(trainable=r.STAGE2_TRAINABLE, global_batch_size=8, learning_rate=1e-3,
                             warmup_ratio=0.1, num_steps=4, log_every=1, checkpoint_every=2, keep_checkpoints=2),
       mesh=(-1, 1, 1))
-  c.eval = ml_collections.ConfigDict(dict(source="synthetic", synthetic_samples=16, seed=12345, batch_size=8))
+  c.eval = ml_collections.ConfigDict(dict(synthetic_samples=16, seed=12345, batch_size=8))
   c.stages = ()
   return c

@@ -55,8 +55,8 @@ def main(argv):
     from llava_jax.train.loop import evaluate_checkpoint
     evaluate_checkpoint(config, workdir, checkpoint=_CHECKPOINT.value)
   elif mode == "inspect":
-    from llava_jax.data.inspect import inspect_from_config
-    inspect_from_config(config, out_path=_INSPECT_OUT.value, limit=_INSPECT_LIMIT.value)
+    from llava_jax.data.from_config import inspect_from_config
+    inspect_from_config(config, out_path=_INSPECT_OUT.value, limit=_INSPECT_LIMIT.value, workdir=workdir)
   else:
     raise app.UsageError(f"--mode={mode} is not available yet")
 
