@@ -137,6 +137,7 @@ def test_single_device_step_matches_transformers(setup):
   (m1, s1), _ = setup.run((1, 1, 1), 1)
   ref = setup.ref
   assert int(m1["tokens"]) == ref["tokens"]
+  assert int(m1["input_tokens"]) == int((setup.batches[0]["segment_ids"] > 0).sum())
   np.testing.assert_allclose(m1["loss"], ref["loss"], rtol=2e-6)
   np.testing.assert_allclose(m1["accuracy"], ref["accuracy"], atol=1e-7)
   np.testing.assert_allclose(m1["learning_rate"], 1e-3, rtol=1e-7)
