@@ -7,7 +7,7 @@ only its own rows and `jax.make_array_from_process_local_data` assembles the glo
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import jax
 import numpy as np

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -119,8 +120,8 @@ def has_trainable_under(trainable, prefix: str) -> bool:
 
 def _raw_key(rng) -> jax.Array:
   """int seed, typed key or raw uint32 key → raw uint32 key data [2]."""
-  if isinstance(rng, int):
-    return jax.random.PRNGKey(rng)
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.PRNGKey(int(rng))
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(rng)
   return rng
