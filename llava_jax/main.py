@@ -45,6 +45,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; --verbosity=0 shows it
   maybe_initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   mode = _MODE.value

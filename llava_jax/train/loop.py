@@ -75,7 +75,7 @@ def train_and_evaluate(config, workdir: str) -> StageResult:
     stage_dir = workdir if name is None else os.path.join(workdir, name)
     if i > 0:
       stage_config.init.from_workdir = result.workdir
-    logger.info("=== stage %s → %s", name or "train", stage_dir)
+    _say(f"=== {name or 'train'}: {stage_dir}")
     result = train(stage_config, stage_dir, tokenizer_workdir=workdir)
   if config.get("eval") is not None and int(config.eval.get("synthetic_samples", 0) or config.eval.get("samples", 0)):
     from llava_jax.eval.synthetic import evaluate_synthetic
@@ -140,7 +140,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
     state, data_state, _ = ckpt.restore(start, abstract)
     if data_state is not None:
       pipeline.set_state(data_state)
-    logger.info("resumed from %s at step %d", ckpt.directory, start)
+    _say(f"resumed from {ckpt.directory} at step {start}")
   else:
     model_config, params = initial_params(config, model_config, mesh)
     state = create_train_state(model_config, optimizer, mesh, int(config.init.seed),
@@ -161,7 +161,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
   pipeline.close()
   plot = metrics_lib.plot_loss_curve(workdir)
   if plot:
-    logger.info("loss curve: %s", plot)
+    _say(f"loss curve: {plot}")
   return StageResult(model_config, state, workdir, tokenizer, final_loss, last_step)
 
 
@@ -205,6 +205,12 @@ def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, pre
         break
   progress.close()
   return state, final_loss, step
+
+
+def _say(text: str) -> None:
+  """User-facing progress lines (process 0 only)."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
 
 
 def _progress(start: int, total: int):
