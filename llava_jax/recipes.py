@@ -93,6 +93,7 @@ def data_section(**kw) -> ml_collections.ConfigDict:
 def train_section(**kw) -> ml_collections.ConfigDict:
   d = dict(
       trainable=STAGE2_TRAINABLE,
+      freeze=r"vision_tower/.*",  # never trained whatever `trainable` says (LLaVA freezes CLIP); '' = none
       global_batch_size=128, micro_batches=1,
       learning_rate=2e-5, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
       b1=0.9, b2=0.999, eps=1e-8,

@@ -29,7 +29,8 @@ from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
 from llava_jax.train import checkpointing, metrics as metrics_lib
 from llava_jax.train.optim import optimizer_from_config
-from llava_jax.train.state import TrainState, abstract_train_state, create_train_state, state_shardings
+from llava_jax.train.state import (VISION_TOWER, TrainState, abstract_train_state, create_train_state,
+                                  state_shardings)
 from llava_jax.train.step import make_train_step
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
                            **data_config.pipeline_kwargs(config, model_config, tokenizer))
   start = ckpt.latest_step()
   if start is not None:
-    abstract = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=tcfg.trainable)
+    abstract = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=tcfg.trainable,
+                                    freeze=_freeze(tcfg))
     state, data_state, _ = ckpt.restore(start, abstract)
     if data_state is not None:
       pipeline.set_state(data_state)
@@ -144,7 +146,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
   else:
     model_config, params = initial_params(config, model_config, mesh)
     state = create_train_state(model_config, optimizer, mesh, int(config.init.seed),
-                               trainable_patterns=tcfg.trainable, params=params)
+                               trainable_patterns=tcfg.trainable, freeze=_freeze(tcfg), params=params)
     start = 0
   step_fn = make_train_step(model_config, optimizer, mesh, micro_batches=int(tcfg.micro_batches),
                             chunked_loss=tcfg.chunked_loss, state_shardings=state_shardings(state))
@@ -207,6 +209,11 @@ def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, pre
   return state, final_loss, step
 
 
+def _freeze(tcfg):
+  """train.freeze: regex of params never trained, whatever `trainable` says ('' = none; default the vision tower)."""
+  return tcfg.get("freeze", VISION_TOWER) or None
+
+
 def _say(text: str) -> None:
   """User-facing progress lines (process 0 only)."""
   if jax.process_index() == 0:
@@ -218,6 +225,25 @@ def _progress(start: int, total: int):
   return tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
 
 
-def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None):
-  """`--mode=eval`: evaluate the params of a finished run (workdir/params or --checkpoint)."""
-  raise NotImplementedError("--mode=eval lands with the evaluation issue; the demo evaluates after training")
+def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) -> dict:
+  """`--mode=eval`: score a finished run's params (its last stage's `params/`, or --checkpoint = a params dir
+  or a pretrained checkpoint directory) on `config.eval`'s held-out data."""
+  if config.get("eval") is None:
+    raise ValueError("this config has no `eval` section; --mode=eval needs one (see configs/demo.py)")
+  stages = stage_configs(config)
+  name, last = stages[-1]
+  mesh = parallel.make_mesh(tuple(config.mesh))
+  model_config = recipes.llava_config(last.model)
+  path = checkpoint or os.path.join(workdir if name is None else os.path.join(workdir, name), PARAMS_DIR)
+  if os.path.exists(os.path.join(path, "config.json")):
+    from llava_jax.checkpoints.hf import load_pretrained
+    model_config, params = load_pretrained(path, runtime=model_config.runtime, mesh=mesh)
+  else:
+    from llava_jax.checkpoints.hf import param_shardings
+    from llava_jax.checkpoints.orbax_params import restore_params
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"no params at {path}: train first, or pass --checkpoint")
+    params = restore_params(path, param_shardings(model_config, mesh))
+  tokenizer = data_config.build_tokenizer(last, model_config, workdir)
+  from llava_jax.eval.synthetic import evaluate_synthetic
+  return evaluate_synthetic(config, model_config, params, tokenizer, mesh=mesh)
