@@ -8,7 +8,17 @@ docs/architecture.md so checkpoints convert by key table (`checkpoints/llama_key
 Masking is by segment ids: token i attends to token j iff j ≤ i and seg[i] == seg[j] != 0, which covers a
 plain attention mask (one segment per row, 0 = padding) and packed samples (several segments per row, with
 positions restarting per segment). Attention is split into projections + RoPE (`LlamaAttention`) and the
-kernel on (q, k, v, mask) so a KV cache can later sit between them without touching the param tree.
+kernel on (q, k, v, mask); the KV cache sits between them without touching the param tree.
+
+KV cache (decoding, `LlamaForCausalLM.extend`): an explicit pytree `KVCache(k, v, valid)` passed in and
+returned, never a flax 'cache' collection. k / v are [L, B, S, Hkv, hd] with the layer axis first, so with
+`scan_layers` the scanned block takes its layer's slice as a scanned input (in_axes 0) and returns the
+updated slice as its stacked output, and unscanned layers index it; `valid` [B, S] bool marks the slots that
+hold real tokens (left padding, unwritten slots). `extend` writes T new tokens at slots [index, index + T)
+(one `index` for the whole batch: rows differ by their positions and `valid`, not by where they write), and
+query slot i sees slot j iff j ≤ i and valid[j] (a padding query sees itself only, so no row is empty).
+Being plain arrays, the cache jits with any control flow (while_loop carries it), and shards with logical
+constraints like every activation ('batch' over data/fsdp, 'act_kv_heads' over tensor).
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+import flax.struct
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import RopeScaling, RuntimeOptions, TextConfig
@@ -87,6 +98,49 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# KV cache
+
+_CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Decoder KV cache. k, v [L, B, S, Hkv, hd] (compute dtype, RoPE already applied to k);
+  valid [B, S] bool (slot holds a real token that later queries may attend to)."""
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+
+def init_kv_cache(config: TextConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+  """Empty cache for `batch` rows of up to `max_length` tokens (every slot invalid)."""
+  shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.resolved_head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_length), bool))
+
+
+def constrain_kv_cache(cache: KVCache) -> KVCache:
+  """Logical sharding constraints on a cache (no-op without a mesh and axis rules)."""
+  return KVCache(k=nn.with_logical_constraint(cache.k, _CACHE_AXES),
+                 v=nn.with_logical_constraint(cache.v, _CACHE_AXES),
+                 valid=nn.with_logical_constraint(cache.valid, ("batch", "length")))
+
+
+def cache_attention_mask(valid: jax.Array, index: jax.Array, length: int) -> jax.Array:
+  """valid [B, S] (after writing the new tokens), queries at slots index..index+length-1 → mask [B, 1, T, S]:
+  query slot i sees slot j iff (j ≤ i and valid[j]) or j == i."""
+  s = valid.shape[-1]
+  q_slot = index + jnp.arange(length, dtype=jnp.int32)
+  k_slot = jnp.arange(s, dtype=jnp.int32)
+  causal = k_slot[None, :] <= q_slot[:, None]
+  mask = (causal[None] & valid[:, None, :]) | (k_slot[None, :] == q_slot[:, None])[None]
+  return mask[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -114,12 +168,14 @@ class LlamaAttention(nn.Module):
   """Self-attention with RoPE and grouped-query heads: x [B, T, D] → [B, T, D].
 
   q/k/v kernels are flat [D, heads * hd] (head h = columns h*hd:(h+1)*hd, as HF). `mask` [B, 1, T, S] bool.
+  With `kv = (k_cache, v_cache)` [B, S, Hkv, hd] the new k/v are written at slots [kv_index, kv_index + T),
+  attention runs over the whole cache, and the call returns `(out, (k_cache, v_cache))`.
   """
   config: TextConfig
   runtime: RuntimeOptions
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv=None, kv_index=None):
     cfg, rt = self.config, self.runtime
     h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
     b, t, _ = x.shape
@@ -129,11 +185,20 @@ class LlamaAttention(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
     k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
-    # A KV cache (decoding) goes here: append k/v at `positions`, then attend over the cache with its mask.
-    out = attend(q, k, v, mask, rt.attention_impl)
+    impl = rt.attention_impl
+    if kv is not None:  # KV cache: write the new k/v at their slots, attend over the whole cache
+      k_cache, v_cache = kv
+      start = (0, kv_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", None))
+      v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
+      impl = "dot_product" if impl == "cudnn" else impl  # same maths; cudnn's flash kernel wants long queries
+    out = attend(q, k, v, mask, impl)
     out = checkpoint_name(out.reshape(b, t, h * hd), "attn_out")
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
-    return _dense(cfg.hidden_size, ("heads", "embed"), rt, "o_proj")(out)
+    out = _dense(cfg.hidden_size, ("heads", "embed"), rt, "o_proj")(out)
+    return out if kv is None else (out, (k, v))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
@@ -166,18 +231,23 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-  """One block: (x [B, T, D], cos, sin [B, T, hd], mask [B, 1, T, T]) → (x, None) (scan's (carry, y))."""
+  """One block: (x [B, T, D], cos, sin [B, T, hd], mask [B, 1, T, S], kv, kv_index) → (x, kv) (scan's
+  (carry, y)). `kv` None (no cache, S = T) gives y = None; else this layer's (k, v) [B, S, Hkv, hd] cache
+  slice, returned updated."""
   config: TextConfig
   runtime: RuntimeOptions
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv=None, kv_index=None):
     cfg, rt = self.config, self.runtime
     h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
-    x = x + LlamaAttention(cfg, rt, name="self_attn")(h, cos, sin, mask)
+    attn = LlamaAttention(cfg, rt, name="self_attn")(h, cos, sin, mask, kv, kv_index)
+    if kv is not None:
+      attn, kv = attn
+    x = x + attn
     h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
     x = x + LlamaMLP(cfg, rt, name="mlp")(h)
-    return nn.with_logical_constraint(x, _EMBED_AXES), None
+    return nn.with_logical_constraint(x, _EMBED_AXES), kv
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,7 +272,9 @@ class LlamaForCausalLM(nn.Module):
         embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")))
     block = common.wrap_block(LlamaDecoderLayer, rt)
     if rt.scan_layers:
-      stack = common.scan_blocks(block, cfg.num_hidden_layers, in_axes=(nn.broadcast,) * 3)
+      # (cos, sin, mask) broadcast; the cache's (k, v) scanned over layers; the cache write index broadcast
+      stack = common.scan_blocks(block, cfg.num_hidden_layers,
+                                 in_axes=(nn.broadcast,) * 3 + (0, nn.broadcast))
       self.layers = stack(cfg, rt)
     else:
       self.layers = [block(cfg, rt) for _ in range(cfg.num_hidden_layers)]  # named layers_0, layers_1, ...
@@ -236,12 +308,58 @@ class LlamaForCausalLM(nn.Module):
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
     mask = segment_causal_mask(segment_ids)
     if rt.scan_layers:
-      x, _ = self.layers(x, cos, sin, mask)
+      x, _ = self.layers(x, cos, sin, mask, None, None)
     else:
       for layer in self.layers:
         x, _ = layer(x, cos, sin, mask)
     x = self.norm(x)
     return x if return_hidden else self.logits(x)
+
+  def extend(self, inputs_embeds: jax.Array, positions: jax.Array, cache: KVCache, index: jax.Array,
+             token_mask: Optional[jax.Array] = None, *, return_hidden: bool = False,
+             last_only: bool = False) -> Tuple[jax.Array, KVCache]:
+    """Run T new tokens against a KV cache (prefill: the whole prompt; decode: T = 1).
+
+    inputs_embeds [B, T, D]; positions [B, T] int (RoPE positions, per row); cache: `KVCache` with S slots;
+    index: int scalar, the slot of the first new token (the same for every row; tokens go to slots
+    [index, index + T), which must fit in S); token_mask [B, T] (1 = real token, 0 = padding; default all 1)
+    becomes `cache.valid` for those slots. Returns (logits [B, T, V] float32 — [B, V] with `last_only` —
+    or final-normed hidden states when `return_hidden`, updated cache).
+    Equal to `__call__` over the valid tokens up to each slot (same positions): the cache only skips work.
+    """
+    cfg, rt = self.config, self.runtime
+    b, t = inputs_embeds.shape[:2]
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+      raise ValueError(f"inputs_embeds must be [B, T, {cfg.hidden_size}], got {inputs_embeds.shape}")
+    if positions.shape != (b, t):
+      raise ValueError(f"positions must be [B, T] = {(b, t)}, got {positions.shape}")
+    if cache.k.shape[:2] != (cfg.num_hidden_layers, b) or cache.valid.shape[0] != b:
+      raise ValueError(f"cache is for [L, B] = {cache.k.shape[:2]}, inputs need {(cfg.num_hidden_layers, b)}")
+    if t > cache.max_length:
+      raise ValueError(f"{t} new tokens do not fit a cache of {cache.max_length} slots")
+    token_mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
+    index = jnp.asarray(index, jnp.int32)
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, index))
+    mask = cache_attention_mask(valid, index, t)
+    cache = constrain_kv_cache(cache)
+
+    x = nn.with_logical_constraint(inputs_embeds.astype(rt.jnp_dtype), _EMBED_AXES)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
+    if rt.scan_layers:
+      x, (k, v) = self.layers(x, cos, sin, mask, (cache.k, cache.v), index)
+    else:
+      ks, vs = [], []
+      for i, layer in enumerate(self.layers):
+        x, (k_i, v_i) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
+        ks.append(k_i)
+        vs.append(v_i)
+      k, v = jnp.stack(ks), jnp.stack(vs)
+    new_cache = constrain_kv_cache(KVCache(k=k, v=v, valid=valid))
+    if last_only:
+      x = x[:, -1:]
+    x = self.norm(x)
+    out = x if return_hidden else self.logits(x)
+    return (out[:, 0] if last_only else out), new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] → logits [B, T, V] float32 (lm_head, or the embedding table when tied)."""

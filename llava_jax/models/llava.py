@@ -14,7 +14,7 @@ import flax.linen as nn
 
 from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTransformer
-from llava_jax.models.llama import LlamaForCausalLM
+from llava_jax.models.llama import KVCache, LlamaForCausalLM
 from llava_jax.models.projector import Projector
 
 
@@ -117,6 +117,18 @@ class LlavaModel(nn.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden [B, T, D] → logits [B, T, V] float32 (for chunked losses)."""
     return self.language_model.logits(hidden)
+
+  def extend(self, input_ids: jax.Array, pixel_values: Optional[jax.Array], cache: KVCache, *,
+             index: jax.Array, positions: jax.Array, token_mask: Optional[jax.Array] = None,
+             image_valid: Optional[jax.Array] = None, last_only: bool = False):
+    """Prefill / decode step against a KV cache (see `LlamaForCausalLM.extend`).
+
+    input_ids [B, T] (image placeholder runs allowed; their features come from pixel_values [N, H, W, 3]);
+    positions [B, T]; index: slot of the first new token; token_mask [B, T] (0 = padding).
+    Returns (logits [B, T, V] float32, or [B, V] with `last_only`; updated KVCache).
+    """
+    embeds = self.embed_image_and_text(input_ids, pixel_values, image_valid)
+    return self.language_model.extend(embeds, positions, cache, index, token_mask, last_only=last_only)
 
 
 def default_segments_and_positions(input_ids, attention_mask=None, segment_ids=None, positions=None):
