@@ -1,0 +1,545 @@
+"""Batched generation: prefill the prompts (image features spliced in) into a KV cache, then decode.
+
+Design (the choices and why):
+- Cache: an explicit `KVCache` pytree (k / v [L, B, S, Hkv, hd] + valid [B, S]; `models/llama.py`), passed
+  in and out of jitted functions. It needs no mutable flax collection, is a plain `while_loop` carry, works
+  unchanged with `scan_layers` (the layer axis is scanned with the params) and shards by logical
+  constraints like any activation, so params sharded on a mesh just work.
+- Padding: prompts are LEFT-padded to a common length Tb, with per-row positions cumsum(mask) - 1 and the
+  padding slots invalid in the cache, so every row's last prompt token sits in slot Tb - 1 and decode step
+  i writes slot Tb + i - 1 for all rows (one dynamic index, no scatter). Each row sees exactly the tokens
+  and positions it would see alone, so a batch gives the same tokens as its rows one by one.
+- Shape buckets: batch (power of two, times the mesh's data × fsdp), prompt length and max_new_tokens
+  (`bucket_size`: powers of two from 16 up to 512, then multiples of 256), image count (power of two;
+  padding images are masked out by `image_valid`) and the stop-id list (power of two ≥ 4). The real
+  max_new_tokens, sampling settings, seeds and stop ids are traced values, so calls inside one bucket reuse
+  one compilation of `_prefill` and one of `_decode`.
+- Decoding runs in chunks: `_decode` is a `lax.while_loop` that stops when every row is done or at a traced
+  step limit. The host calls it with limit = step + steps_per_chunk, and between chunks it reads the new
+  tokens, checks stop strings on the decoded text (a row that hits one is marked done for the next chunk),
+  and calls `stream_callback`. Chunks (not `jax.debug.callback` inside the loop) keep the callback out of
+  compiled code — ordered, on the host thread, no effect on sharding — at the cost of up to
+  steps_per_chunk - 1 wasted steps per stop-string row. Without a callback or stop strings the whole
+  generation is a single `_decode` call.
+- Per-row stopping: a stop token id ends a row on device; rows that stopped emit pad_id, and the loop ends
+  when all rows are done or at max_new_tokens. Returned tokens include the stop token (as transformers'
+  `generate`) or, for a stop string, end with the token that completes it; `texts` hold the answer without
+  the stop token / string.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax import parallel
+from llava_jax.config import LlavaConfig
+from llava_jax.data import conversation as conv_lib
+from llava_jax.data.tokenize import encode_segments
+from llava_jax.infer import sampling
+from llava_jax.models.llama import KVCache, constrain_kv_cache, init_kv_cache
+from llava_jax.models.llava import LlavaModel, logical_partition_specs
+
+DEFAULT_STREAM_CHUNK = 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shape buckets
+
+
+def bucket_size(n: int, minimum: int = 16, linear_above: int = 512, linear_step: int = 256) -> int:
+  """Bucketed length ≥ n: the next power of two (at least `minimum`) up to `linear_above`, then the next
+  multiple of `linear_step`."""
+  if n < 1:
+    raise ValueError(f"bucket_size needs n >= 1, got {n}")
+  if n <= linear_above:
+    return max(minimum, 1 << (n - 1).bit_length())
+  return -(-n // linear_step) * linear_step
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def _batch_bucket(b: int, multiple: int) -> int:
+  p = _pow2(b)
+  return -(-p // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled pieces
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything the decode loop carries. B = bucketed batch, N = bucketed max_new_tokens, Tb = prompt slots.
+
+  cache: KVCache with Tb + N slots; tokens [B, N] int32 (pad_id after a row stops); scores [B, N, V]
+  float32 raw logits (only with output_scores, else None); step () int32 = tokens generated so far;
+  done [B] bool; prompt_lens [B] int32; row_keys [B, 2] uint32 key data; temperature / top_p [B] float32;
+  top_k [B] int32; stop_ids [K] int32 (-1 = unused slot); pad_id () int32.
+  """
+  cache: KVCache
+  tokens: jax.Array
+  scores: Optional[jax.Array]
+  step: jax.Array
+  done: jax.Array
+  prompt_lens: jax.Array
+  row_keys: jax.Array
+  temperature: jax.Array
+  top_p: jax.Array
+  top_k: jax.Array
+  stop_ids: jax.Array
+  pad_id: jax.Array
+
+
+def _constrain(state: DecodeState) -> DecodeState:
+  """Pin every leaf's sharding (no-op without a mesh) so prefill and decode outputs agree and the decode
+  loop never recompiles for a new input sharding."""
+  c = nn.with_logical_constraint
+  row = ("batch",)
+  return state.replace(
+      cache=constrain_kv_cache(state.cache), tokens=c(state.tokens, ("batch", None)),
+      scores=None if state.scores is None else c(state.scores, ("batch", None, "act_vocab")),
+      step=c(state.step, ()), done=c(state.done, row), prompt_lens=c(state.prompt_lens, row),
+      row_keys=c(state.row_keys, ("batch", None)), temperature=c(state.temperature, row),
+      top_p=c(state.top_p, row), top_k=c(state.top_k, row), stop_ids=c(state.stop_ids, (None,)),
+      pad_id=c(state.pad_id, ()))
+
+
+def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+  return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+
+
+def _prefill_impl(params, input_ids, prompt_mask, pixel_values, image_valid, row_active, seeds, salts,
+                  temperature, top_p, top_k, stop_ids, pad_id, *, config: LlavaConfig, max_new: int,
+                  output_scores: bool) -> DecodeState:
+  """Left-padded prompts [B, Tb] (+ images) → cache filled, first token chosen; step = 1."""
+  b, t = input_ids.shape
+  model = LlavaModel(config)
+  mask = prompt_mask.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+  cache = init_kv_cache(config.text, b, t + max_new, config.runtime.jnp_dtype)
+  logits, cache = model.apply({"params": params}, input_ids, pixel_values, cache, index=0, positions=positions,
+                              token_mask=mask, image_valid=image_valid, last_only=True, method=LlavaModel.extend)
+  row_keys = sampling.make_row_keys(seeds, salts)
+  tok = sampling.choose_tokens(logits, row_keys, 0, temperature, top_k, top_p)
+  done = ~row_active
+  tok = jnp.where(done, pad_id, tok)
+  tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
+  scores = None
+  if output_scores:
+    scores = jnp.zeros((b, max_new, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+  state = DecodeState(cache=cache, tokens=tokens, scores=scores, step=jnp.int32(1), done=done | _is_stop(tok, stop_ids),
+                      prompt_lens=jnp.sum(mask, axis=-1).astype(jnp.int32), row_keys=row_keys,
+                      temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids,
+                      pad_id=jnp.asarray(pad_id, jnp.int32))
+  return _constrain(state)
+
+
+def _decode_impl(params, state: DecodeState, stop_now, limit, *, config: LlavaConfig) -> DecodeState:
+  """Decode one token per row per step until every row is done or `step == limit` (traced)."""
+  model = LlavaModel(config)
+  n = state.tokens.shape[1]
+  prompt_slots = state.cache.max_length - n
+
+  def cond(s: DecodeState):
+    return (s.step < limit) & ~jnp.all(s.done)
+
+  def body(s: DecodeState) -> DecodeState:
+    prev = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
+    positions = (s.prompt_lens + s.step - 1)[:, None]
+    logits, cache = model.apply({"params": params}, prev, None, s.cache, index=prompt_slots + s.step - 1,
+                                positions=positions, last_only=True, method=LlavaModel.extend)
+    tok = sampling.choose_tokens(logits, s.row_keys, s.step, s.temperature, s.top_k, s.top_p)
+    tok = jnp.where(s.done, s.pad_id, tok)
+    tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+    scores = s.scores
+    if scores is not None:
+      scores = jax.lax.dynamic_update_slice(scores, logits[:, None], (0, s.step, 0))
+    return _constrain(s.replace(cache=cache, tokens=tokens, scores=scores, step=s.step + 1,
+                                done=s.done | _is_stop(tok, s.stop_ids)))
+
+  state = _constrain(state.replace(done=state.done | stop_now))
+  return _constrain(jax.lax.while_loop(cond, body, state))
+
+
+_prefill = jax.jit(_prefill_impl, static_argnames=("config", "max_new", "output_scores"))
+_decode = jax.jit(_decode_impl, static_argnames=("config",), donate_argnames=("state",))
+
+
+def compile_counts() -> Tuple[int, int]:
+  """(prefill, decode) compilations cached so far (for tests and monitoring)."""
+  return _prefill._cache_size(), _decode._cache_size()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side: inputs, stop strings, streaming
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamEvent:
+  """What `stream_callback` receives, in order, per row: the tokens (and text) new since that row's
+  previous event. `text` is None without a tokenizer; it never contains (part of) a stop string and holds
+  back incomplete characters until they complete. `finish_reason` is None until the row's last event,
+  then 'stop' (stop token or string) or 'length'. Concatenating a row's events gives its final
+  `token_ids` and `texts` entry."""
+  row: int
+  token_ids: Tuple[int, ...]
+  text: Optional[str]
+  finish_reason: Optional[str] = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """token_ids: per row, the generated ids (ending with the stop token / the token completing a stop
+  string when the row stopped). texts: per row, the decoded answer without the stop (tokenizer given).
+  finish_reasons: 'stop' | 'length'. scores: per row [n, V] float32 raw logits (output_scores).
+  prompt_lengths: tokens per prompt (image placeholders included)."""
+  token_ids: List[List[int]]
+  finish_reasons: List[str]
+  texts: Optional[List[str]] = None
+  scores: Optional[List[np.ndarray]] = None
+  prompt_lengths: Optional[List[int]] = None
+
+
+class _Row:
+  """Host bookkeeping for one row: tokens so far, stop strings, streamed deltas."""
+
+  def __init__(self, index: int, stop_ids, stop_strings, tokenizer):
+    self.index, self.stop_ids, self.stop_strings, self.tokenizer = index, set(stop_ids), stop_strings, tokenizer
+    self.tokens: List[int] = []
+    self.reason: Optional[str] = None
+    self.text = ""  # answer text so far (final once reason is set)
+    self.sent_tokens, self.sent_text, self.closed = 0, "", False
+
+  def _decode(self, ids) -> str:
+    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+  def _answer_ids(self, ids):
+    return ids[:-1] if ids and ids[-1] in self.stop_ids else ids
+
+  def add(self, new_tokens) -> None:
+    """Append a chunk's tokens; finish on a stop token or a stop string."""
+    if self.reason is not None:
+      return
+    start = len(self.tokens)
+    for tok in new_tokens:
+      self.tokens.append(int(tok))
+      if int(tok) in self.stop_ids:
+        self.reason = "stop"
+        break
+    if self.tokenizer is None:
+      return
+    text = self._decode(self._answer_ids(self.tokens))
+    if self.stop_strings and any(s in text for s in self.stop_strings):
+      for k in range(start + 1, len(self.tokens) + 1):  # the first token that completes a stop string
+        text_k = self._decode(self._answer_ids(self.tokens[:k]))
+        hits = [text_k.find(s) for s in self.stop_strings if s in text_k]
+        if hits:
+          self.tokens, self.reason, text = self.tokens[:k], "stop", text_k[:min(hits)]
+          break
+    self.text = text
+
+  def finish_length(self) -> None:
+    if self.reason is None:
+      self.reason = "length"
+
+  def event(self) -> Optional[StreamEvent]:
+    """The delta since the last event (None when there is nothing new, or the row's last event was sent)."""
+    if self.closed:
+      return None
+    new_tokens = tuple(self.tokens[self.sent_tokens:])
+    text = None
+    if self.tokenizer is not None:
+      visible = self.text if self.reason is not None else self._streamable(self.text)
+      text = ""
+      if len(visible) > len(self.sent_text) and visible.startswith(self.sent_text):
+        text = visible[len(self.sent_text):]
+      elif self.reason is not None and not visible.startswith(self.sent_text):
+        raise RuntimeError(f"row {self.index}: streamed text {self.sent_text!r} is not a prefix of the final "
+                           f"text {visible!r} (tokenizer decoding is not prefix-stable)")
+      self.sent_text += text
+    finished = self.reason is not None
+    if not new_tokens and not text and not finished:
+      return None
+    self.sent_tokens, self.closed = len(self.tokens), finished
+    return StreamEvent(self.index, new_tokens, text, self.reason)
+
+  def _streamable(self, text: str) -> str:
+    """Text safe to show while running: no trailing partial character, no suffix that may begin a stop."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+      end -= 1
+    text = text[:end]
+    hold = 0
+    for s in self.stop_strings:
+      for n in range(min(len(s) - 1, len(text)), hold, -1):
+        if text.endswith(s[:n]):
+          hold = n
+          break
+    return text[:len(text) - hold]
+
+
+def _encode_prompt(text: str, tokenizer, config: LlavaConfig) -> np.ndarray:
+  """A prompt string (with literal `<image>`s) → ids with image placeholder runs, as LLaVA tokenizes."""
+  parts = text.split(conv_lib.IMAGE_TOKEN)
+  segments = []
+  for j, part in enumerate(parts):
+    if j:
+      segments.append(conv_lib.Segment(conv_lib.IMAGE_TOKEN, "user", False, "image"))
+    segments.append(conv_lib.Segment(part, "user", False, "text"))
+  return encode_segments(segments, tokenizer, num_image_tokens=config.num_image_tokens,
+                         image_token_index=config.image_token_index)[0]
+
+
+def _prompt_rows(input_ids, attention_mask, prompts, tokenizer, config) -> List[np.ndarray]:
+  if (input_ids is None) == (prompts is None):
+    raise ValueError("pass exactly one of input_ids (token ids) and prompts (strings, with a tokenizer)")
+  if prompts is not None:
+    if tokenizer is None:
+      raise ValueError("prompts given as strings need a tokenizer")
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    return [_encode_prompt(p, tokenizer, config) for p in prompts]
+  if isinstance(input_ids, np.ndarray) or isinstance(input_ids, jax.Array):
+    arr = np.asarray(input_ids)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T] or a list of 1-D sequences, got shape {arr.shape}")
+    if attention_mask is not None:
+      m = np.asarray(attention_mask).astype(bool).reshape(arr.shape)
+      return [arr[r][m[r]] for r in range(arr.shape[0])]
+    return list(arr)
+  if attention_mask is not None:
+    raise ValueError("attention_mask only goes with a [B, T] input_ids array")
+  rows = list(input_ids)
+  if rows and np.ndim(rows[0]) == 0:  # a single flat list of ids
+    rows = [rows]
+  return [np.asarray(r) for r in rows]
+
+
+def _image_array(pixel_values, config: LlavaConfig) -> Optional[np.ndarray]:
+  """pixel_values: None, [N, S, S, 3], or a per-row list of None / [S, S, 3] / [n, S, S, 3] → [N, S, S, 3]."""
+  if pixel_values is None:
+    return None
+  if isinstance(pixel_values, (list, tuple)):
+    parts = []
+    for p in pixel_values:
+      if p is None:
+        continue
+      p = np.asarray(p, np.float32)
+      parts.append(p[None] if p.ndim == 3 else p)
+    if not parts:
+      return None
+    pixel_values = np.concatenate(parts)
+  arr = np.asarray(pixel_values, np.float32)
+  s = config.vision.image_size
+  if arr.ndim != 4 or arr.shape[1:] != (s, s, config.vision.num_channels):
+    raise ValueError(f"pixel_values must be [N, {s}, {s}, {config.vision.num_channels}] CLIP-normalized NHWC "
+                     f"(see data/image.preprocess), got {arr.shape}")
+  return arr if arr.shape[0] else None
+
+
+def _check_rows(rows: List[np.ndarray], num_images: int, config: LlavaConfig, max_new_tokens: int) -> None:
+  k, img, vocab = config.num_image_tokens, config.image_token_index, config.text.vocab_size
+  total = 0
+  for r, ids in enumerate(rows):
+    if ids.ndim != 1 or ids.size == 0:
+      raise ValueError(f"prompt {r} must be a non-empty 1-D id sequence, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"prompt {r} holds {ids.dtype} values; token ids must be integers")
+    is_img = ids == img
+    bad = ~is_img & ((ids < 0) | (ids >= vocab))
+    if bad.any():
+      raise ValueError(f"prompt {r} has token id {int(ids[bad][0])} outside the vocabulary [0, {vocab})")
+    runs = np.diff(np.concatenate([[0], is_img.astype(np.int8), [0]]))
+    lengths = np.flatnonzero(runs == -1) - np.flatnonzero(runs == 1)
+    if np.any(lengths % k):
+      raise ValueError(f"prompt {r} has an image placeholder run of {int(lengths[lengths % k != 0][0])} tokens; "
+                       f"each image needs exactly {k} copies of id {img}")
+    total += int(is_img.sum())
+    limit = config.text.max_position_embeddings
+    if ids.size + max_new_tokens > limit:
+      raise ValueError(f"prompt {r}: {ids.size} tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                       f"max_position_embeddings {limit}")
+  if total != num_images * k:
+    raise ValueError(f"the prompts hold {total} image placeholders but {num_images} image(s) give "
+                     f"{num_images * k} features ({k} per image); pass one image per placeholder run, in order")
+
+
+def _per_row(name, value, b, dtype, lo, hi) -> np.ndarray:
+  arr = np.broadcast_to(np.asarray(value, dtype), (b,)) if np.ndim(value) == 0 else np.asarray(value, dtype)
+  if arr.shape != (b,):
+    raise ValueError(f"{name} must be a scalar or one value per prompt ({b}), got shape {arr.shape}")
+  if not np.all(np.isfinite(arr)) or np.any(arr < lo) or np.any(arr > hi):
+    raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value}")
+  return arr
+
+
+def shard_params(config: LlavaConfig, params, mesh):
+  """Place params on `mesh` by the logical axis rules (what a sharded checkpoint load produces)."""
+  shardings = parallel.logical_to_sharding(logical_partition_specs(config), mesh)
+  return jax.device_put(params, shardings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def generate(config: LlavaConfig, params, input_ids=None, pixel_values=None, *, prompts=None,
+             attention_mask=None, tokenizer=None, max_new_tokens: int = 64,
+             temperature: Union[float, Sequence[float]] = 0.0, top_p: Union[float, Sequence[float]] = 1.0,
+             top_k: Union[int, Sequence[int]] = 0, stop_token_ids: Optional[Sequence[int]] = None,
+             stop_strings: Sequence[str] = (), seed: Union[int, Sequence[int]] = 0, pad_id: Optional[int] = None,
+             stream_callback: Optional[Callable[[StreamEvent], None]] = None, mesh=None,
+             steps_per_chunk: Optional[int] = None, output_scores: bool = False) -> GenerationResult:
+  """Generate up to `max_new_tokens` tokens after each prompt.
+
+  Prompts: `input_ids` — a list of 1-D id sequences of any lengths (image placeholder runs of
+  `config.num_image_tokens` × `config.image_token_index`), or a [B, T] array (+ `attention_mask` [B, T],
+  1 = token, to drop padding on either side) — or `prompts`, strings with literal `<image>`s, tokenized by
+  `tokenizer` as LLaVA does (one BOS). pixel_values: CLIP-normalized NHWC images, [N, S, S, 3] in the
+  row-major order of the placeholder runs, or a per-row list of None / [S, S, 3] / [n, S, S, 3].
+  Sampling: temperature 0 = greedy; else temperature → top_k (0 = off) → top_p (1 = off), HF's rules
+  (`infer/sampling.py`); each may be a scalar or one value per prompt. seed: an int (row r uses
+  fold_in(key(seed), r)) or one seed per prompt (row r uses fold_in(key(seed[r]), 0)); same seed, same tokens.
+  Stops: `stop_token_ids` (default: the tokenizer's EOS, else config.text.eos_token_id) and `stop_strings`
+  (matched on the decoded text; need `tokenizer`). stream_callback(StreamEvent) gets each row's new tokens
+  / text every `steps_per_chunk` steps (default 8 when streaming or using stop strings; else one chunk).
+  mesh: run on this mesh (params already placed on it, e.g. by `shard_params`); the batch is split over
+  (data, fsdp). output_scores: also return each step's raw logits.
+  """
+  rows = _prompt_rows(input_ids, attention_mask, prompts, tokenizer, config)
+  if not rows:
+    raise ValueError("no prompts given")
+  images = _image_array(pixel_values, config)
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  max_new_tokens = int(max_new_tokens)
+  num_images = 0 if images is None else images.shape[0]
+  _check_rows(rows, num_images, config, max_new_tokens)
+  stop_strings = tuple(s for s in ([stop_strings] if isinstance(stop_strings, str) else stop_strings))
+  if any(not isinstance(s, str) or not s for s in stop_strings):
+    raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+  if stop_strings and tokenizer is None:
+    raise ValueError("stop_strings are matched on decoded text: pass a tokenizer")
+  if stop_token_ids is None:
+    eos = tokenizer.eos_token_id if tokenizer is not None else config.text.eos_token_id
+    stop_token_ids = () if eos is None else (int(eos),)
+  stop_token_ids = tuple(int(t) for t in ([stop_token_ids] if np.ndim(stop_token_ids) == 0 else stop_token_ids))
+  if pad_id is None:
+    pad_id = config.text.pad_token_id if config.text.pad_token_id is not None else 0
+  pad_id = int(pad_id)
+  if pad_id == config.image_token_index or not 0 <= pad_id < config.text.vocab_size:
+    raise ValueError(f"pad_id {pad_id} must be an in-vocabulary id other than the image token")
+  if steps_per_chunk is not None and steps_per_chunk < 1:
+    raise ValueError(f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
+
+  b = len(rows)
+  temperature = _per_row("temperature", temperature, b, np.float32, 0.0, np.inf)
+  top_p = _per_row("top_p", top_p, b, np.float32, 0.0, 1.0)
+  top_k = _per_row("top_k", top_k, b, np.int64, 0, np.iinfo(np.int32).max).astype(np.int32)
+  if np.ndim(seed) == 0:
+    seeds, salts = np.full((b,), int(seed) % 2**32, np.uint32), np.arange(b, dtype=np.int32)
+  else:
+    seeds, salts = np.asarray([int(s) % 2**32 for s in seed], np.uint32), np.zeros((b,), np.int32)
+    if seeds.shape != (b,):
+      raise ValueError(f"seed must be an int or one per prompt ({b}), got {len(seeds)}")
+
+  # bucketed, left-padded arrays
+  batch_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  bb = _batch_bucket(b, batch_multiple)
+  tb = bucket_size(max(len(r) for r in rows))
+  nb = bucket_size(max_new_tokens)
+  ids = np.full((bb, tb), pad_id, np.int32)
+  mask = np.zeros((bb, tb), np.int32)
+  for r, row in enumerate(rows):
+    ids[r, tb - len(row):] = row
+    mask[r, tb - len(row):] = 1
+  active = np.arange(bb) < b
+
+  def pad_rows(x, fill):
+    return np.concatenate([x, np.full((bb - b,) + x.shape[1:], fill, x.dtype)])
+
+  image_valid = None
+  if images is not None:
+    nimg = _pow2(images.shape[0])
+    image_valid = np.arange(nimg) < images.shape[0]
+    images = np.concatenate([images, np.zeros((nimg - images.shape[0],) + images.shape[1:], np.float32)])
+  n_stop = max(4, _pow2(len(stop_token_ids)))
+  stop_arr = np.full((n_stop,), -1, np.int32)
+  stop_arr[:len(stop_token_ids)] = stop_token_ids
+
+  batch_args = [ids, mask, active, pad_rows(seeds, 0), pad_rows(salts, 0), pad_rows(temperature, 0),
+                pad_rows(top_p, 1), pad_rows(top_k, 0)]
+  if mesh is not None:
+    put_batch = lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim))
+    put_rep = lambda x: None if x is None else jax.device_put(x, parallel.replicated(mesh))
+    ctx = _MeshContext(mesh)
+  else:
+    put_batch = put_rep = lambda x: None if x is None else jnp.asarray(x)
+    ctx = _MeshContext(None)
+  ids_d, mask_d, active_d, seeds_d, salts_d, temp_d, top_p_d, top_k_d = [put_batch(x) for x in batch_args]
+
+  chunk = steps_per_chunk or (DEFAULT_STREAM_CHUNK if (stream_callback or stop_strings) else nb)
+  trackers = [_Row(r, stop_token_ids, stop_strings, tokenizer) for r in range(b)]
+  with ctx:
+    state = _prefill(params, ids_d, mask_d, put_rep(images), put_rep(image_valid), active_d, seeds_d, salts_d,
+                     temp_d, top_p_d, top_k_d, put_rep(stop_arr), put_rep(np.int32(pad_id)), config=config,
+                     max_new=nb, output_scores=output_scores)
+    seen, last_step = 0, -1
+    while True:
+      step, tokens = jax.device_get((state.step, state.tokens))
+      step = int(step)
+      for t in trackers:
+        t.add(tokens[t.index, seen:step])
+        if step >= max_new_tokens:
+          t.finish_length()
+      seen = step
+      if stream_callback is not None:
+        for t in trackers:
+          event = t.event()
+          if event is not None:
+            stream_callback(event)
+      if all(t.reason is not None for t in trackers):
+        break
+      if step == last_step:  # the device stopped every row but the host saw no stop: never expected
+        raise RuntimeError(f"decoding made no progress at step {step} with unfinished rows")
+      last_step = step
+      stop_now = np.array([r < b and trackers[r].reason is not None for r in range(bb)])
+      limit = min(step + chunk, max_new_tokens)
+      state = _decode(params, state, put_batch(stop_now), put_rep(np.int32(limit)), config=config)
+
+    scores = None
+    if output_scores:
+      all_scores = np.asarray(jax.device_get(state.scores))
+      scores = [all_scores[t.index, :len(t.tokens)] for t in trackers]
+  return GenerationResult(token_ids=[t.tokens for t in trackers], finish_reasons=[t.reason for t in trackers],
+                          texts=None if tokenizer is None else [t.text for t in trackers], scores=scores,
+                          prompt_lengths=[len(r) for r in rows])
+
+
+class _MeshContext:
+  """`jax.set_mesh(mesh)` + the logical axis rules, or nothing without a mesh."""
+
+  def __init__(self, mesh):
+    self.mesh, self._stack = mesh, []
+
+  def __enter__(self):
+    if self.mesh is not None:
+      for cm in (jax.set_mesh(self.mesh), parallel.axis_rules()):
+        cm.__enter__()
+        self._stack.append(cm)
+    return self
+
+  def __exit__(self, *exc):
+    while self._stack:
+      self._stack.pop().__exit__(*exc)
+    return False
