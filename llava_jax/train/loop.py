@@ -46,6 +46,7 @@ class StageResult:
   tokenizer: object
   final_loss: Optional[float]
   steps: int
+  preempted: bool = False  # stopped by SIGTERM / orbax preemption after saving a checkpoint at `steps`
 
 
 def stage_configs(config):
@@ -78,6 +79,9 @@ def train_and_evaluate(config, workdir: str) -> StageResult:
       stage_config.init.from_workdir = result.workdir
     _say(f"=== {name or 'train'}: {stage_dir}")
     result = train(stage_config, stage_dir, tokenizer_workdir=workdir)
+    if result.preempted:  # exit promptly; a rerun resumes this stage (later stages need its params)
+      _say(f"preempted at step {result.steps} of {name or 'train'}: checkpoint saved, rerun to resume")
+      return result
   if config.get("eval") is not None and int(config.eval.get("synthetic_samples", 0) or config.eval.get("samples", 0)):
     from llava_jax.eval.synthetic import evaluate_synthetic
     report = evaluate_synthetic(config, result.model_config, result.state.full_params(), result.tokenizer,
@@ -154,6 +158,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
   preempted = checkpointing.PreemptionFlag().install()
   state, final_loss, last_step = _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer,
                                             preempted, start, steps)
+  was_preempted = last_step < steps and (preempted.is_set() or ckpt.reached_preemption(last_step))
   preempted.uninstall()
   if last_step >= steps:
     from llava_jax.checkpoints.orbax_params import save_params
@@ -164,7 +169,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
   plot = metrics_lib.plot_loss_curve(workdir)
   if plot:
     _say(f"loss curve: {plot}")
-  return StageResult(model_config, state, workdir, tokenizer, final_loss, last_step)
+  return StageResult(model_config, state, workdir, tokenizer, final_loss, last_step, preempted=was_preempted)
 
 
 def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, preempted, start, steps):
