@@ -72,11 +72,12 @@ def llava_tokenize(tokenizer, text):
   return np.asarray(ids, np.int32)
 
 
-# a batch of four prompts of different lengths: image, text-only, image, short text
+# a batch of four prompts of different lengths: image, text-only, two images, short text (3 images → the
+# image bucket of 4 holds a masked padding image)
 BATCH = ["USER: <image>\nWhat color is the square? ASSISTANT:",
          "A chat between a curious human and an artificial intelligence assistant.",
-         "Human: What is in the image?<image>###Assistant:", "The answer is"]
-BATCH_PIXELS = [_pixels(1, 0), None, _pixels(1, 1), None]
+         "Human: What is in the image?<image> and<image>###Assistant:", "The answer is"]
+BATCH_PIXELS = [_pixels(1, 0), None, _pixels(2, 1), None]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,23 @@ def test_llama_extend_in_pieces_unscanned_equals_full_call():
 
 
 TEXT_ROWS = [np.asarray([1, 270, 280, 290, 300], np.int32), np.asarray([1, 400, 410, 420, 430, 440, 450, 460], np.int32)]
+
+
+def test_one_compilation_per_shape_bucket():
+  """Runs before the other two-row text tests, so its first call compiles the bucket they all share."""
+  _, config, params = tiny()
+  before = gen.compile_counts()
+  # prompt lengths 5 / 9 (bucket 16), max_new_tokens 5 / 12 (bucket 16), different stops and sampling settings
+  a = gen.generate(config, params, [[1, 5, 6, 7, 8], [1, 9]], max_new_tokens=5, stop_token_ids=[EOS])
+  mid = gen.compile_counts()
+  b = gen.generate(config, params, [[1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 9, 10]], max_new_tokens=12,
+                   stop_token_ids=[EOS, 3], temperature=0.7, top_p=0.9, seed=4)
+  after = gen.compile_counts()
+  assert all(0 <= m - b0 <= 1 for m, b0 in zip(mid, before))  # exactly 1 when run in file order
+  assert after == mid, f"second call in the same buckets recompiled: {mid} → {after}"
+  assert len(a.token_ids[0]) <= 5 and len(b.token_ids[0]) <= 12
+  assert gen.bucket_size(5) == gen.bucket_size(9) == gen.bucket_size(12) == 16 and gen.bucket_size(17) == 32
+  assert gen.bucket_size(600) == 768
 
 
 def test_stop_token_ids_end_rows_independently():
@@ -269,20 +287,6 @@ def test_sharded_params_on_a_mesh_equal_unsharded():
   assert gen.compile_counts()[1] - before <= 1  # chunks reuse one decode program (the state's shardings are pinned)
   assert greedy == run(params) == [hf_generate(r, eos_token_id=None) for r in TEXT_ROWS]
   assert sampled == run(params, temperature=1.5, top_k=50, seed=11)
-
-
-def test_one_compilation_per_shape_bucket():
-  _, config, params = tiny()
-  before = gen.compile_counts()
-  a = gen.generate(config, params, [[1, 5, 6, 7, 8], [1, 9]], max_new_tokens=5, stop_token_ids=[EOS])
-  mid = gen.compile_counts()
-  b = gen.generate(config, params, [[1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 9, 10]], max_new_tokens=7,
-                   stop_token_ids=[EOS, 3])
-  after = gen.compile_counts()
-  assert all(m - b0 <= 1 for m, b0 in zip(mid, before))
-  assert after == mid, f"second call in the same buckets recompiled: {mid} → {after}"
-  assert len(a.token_ids[0]) <= 5 and len(b.token_ids[0]) <= 7
-  assert gen.bucket_size(5) == gen.bucket_size(9) == 16 and gen.bucket_size(600) == 768
 
 
 def test_bad_inputs_are_clear_errors(tiny_tokenizer):
