@@ -2,20 +2,26 @@
 
 Layout in the workdir:
   checkpoints/<step>/state/   the TrainState pytree (sharded arrays; restored directly onto target shardings)
-  checkpoints/<step>/data/    the input iterator's state (JSON), so a resumed run continues at the next batch
+  checkpoints/<step>/data/    every process's input-iterator state (JSON, one entry per process: hosts read different
+                              shards), so a resumed run continues at the next batch
   checkpoints/<step>/config/  the run's config (JSON), for eval / chat / export without the config file
 Saves are asynchronous; the manager keeps the newest `keep` checkpoints.
 """
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import os
 import signal
 import threading
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
 
 
 def encode_iterator_state(state: Any) -> dict:
@@ -29,6 +35,21 @@ def decode_iterator_state(blob: dict) -> Any:
   if blob["kind"] == "bytes":
     return base64.b64decode(blob["value"])
   return blob["value"]
+
+
+def gather_per_process(blob: Any) -> list:
+  """[blob of process 0, blob of process 1, ...]: a JSON-able value from every process (an all-gather; every
+  process must call it). orbax writes JSON items from the primary process only, so per-host iterator states
+  are gathered first."""
+  if jax.process_count() == 1:
+    return [blob]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(blob).encode("utf-8"), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(rows[i, :int(n)].tobytes().decode("utf-8")) for i, n in enumerate(lengths)]
 
 
 class Checkpointer:
@@ -47,7 +68,11 @@ class Checkpointer:
 
   def save(self, step: int, state, *, data_state=None, config: Optional[dict] = None, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
-    items["data"] = ocp.args.JsonSave(encode_iterator_state(data_state) if data_state is not None else {"kind": "none"})
+    if data_state is None:
+      data = {"kind": "none"}
+    else:
+      data = {"kind": "per_process", "value": gather_per_process(encode_iterator_state(data_state))}
+    items["data"] = ocp.args.JsonSave(data)
     items["config"] = ocp.args.JsonSave(config or {})
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -60,8 +85,22 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-    data = restored["data"]
-    return restored["state"], (None if data.get("kind") == "none" else decode_iterator_state(data)), restored["config"]
+    return restored["state"], self._this_process(restored["data"], step), restored["config"]
+
+  def _this_process(self, data: dict, step: int):
+    """This process's iterator state from the data item (None when absent or saved by another process count)."""
+    kind = data.get("kind")
+    if kind == "none":
+      return None
+    if kind != "per_process":  # a single state (checkpoints written before per-process states)
+      return decode_iterator_state(data)
+    states = data["value"]
+    if len(states) != jax.process_count():
+      logger.warning("checkpoint %d holds input-iterator states of %d processes but this run has %d: the data "
+                     "shards differ, so the input pipeline starts from its beginning", step, len(states),
+                     jax.process_count())
+      return None
+    return decode_iterator_state(states[jax.process_index()])
 
   def restore_config(self, step: Optional[int] = None) -> dict:
     step = self.latest_step() if step is None else step
