@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple, Union
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "chunked")
 PROJECTOR_TYPES_DOC = "'linear', 'mlp2x_gelu', 'mlp3x_gelu', ... ('mlp{N}x_gelu' generally)"
 
 
@@ -28,7 +28,8 @@ class RuntimeOptions:
   scan_layers: stack each tower's layers with `nn.scan` (params get a leading [L] axis, compile is O(1) in L).
   remat_policy: one of REMAT_POLICIES; 'none' disables `nn.remat`.
   attention_impl: 'xla' (einsum + float32 softmax), 'dot_product' (`jax.nn.dot_product_attention`, XLA),
-    'cudnn' (`jax.nn.dot_product_attention(implementation='cudnn')`, flash attention on GPU).
+    'cudnn' (`jax.nn.dot_product_attention(implementation='cudnn')`, flash attention on GPU), 'chunked' ('xla'
+    over blocks of queries, rematerialized: memory O(T·block) instead of O(T²), any backend).
   """
   dtype: str = "float32"
   param_dtype: str = "float32"

@@ -50,6 +50,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
   """
   if impl in ("dot_product", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "dot_product" else "cudnn")
+  if impl == "chunked":
+    return chunked_attention(q, k, v, mask=mask, bias=bias)
   b, t, h, hd = q.shape
   hkv = k.shape[2]
   groups = h // hkv
@@ -65,3 +67,41 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
 def mask_to_bias(mask: jax.Array) -> jax.Array:
   """bool mask (True = may attend) → float32 additive bias (0 or the float32 minimum; no NaN on empty rows)."""
   return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+ATTENTION_CHUNK = 256
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
+                      bias: Optional[jax.Array] = None, chunk: int = ATTENTION_CHUNK) -> jax.Array:
+  """The 'xla' kernel over blocks of `chunk` queries; exact (each row's softmax spans all keys).
+
+  Shapes as `attention`. Only one block's float32 scores [B, H, chunk, S] exist at a time, and they are
+  recomputed in the backward pass (`jax.checkpoint` per block), so memory is O(B·H·chunk·S) instead of
+  O(B·H·T·S): XLA everywhere (CPU, GPU, TPU), what the memory plan compiles for long sequences.
+  `mask` [B, 1, T, S] bool or `bias` [B, 1|H, T, S] float32 (mask wins when both are given).
+  """
+  b, t, h, hd = q.shape
+  extra = mask if mask is not None else bias  # sliced per block; a bool mask becomes a bias inside the block
+  c = max(1, min(int(chunk), t))
+  n = -(-t // c)
+  pad = n * c - t
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    if extra is not None:
+      extra = jnp.pad(extra, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  qs = jnp.moveaxis(q.reshape(b, n, c, h, hd), 1, 0)  # [n, B, c, H, hd]
+
+  @jax.checkpoint
+  def block(qb, eb):
+    if eb is not None and eb.dtype == jnp.bool_:
+      eb = mask_to_bias(eb)
+    return attention(qb, k, v, eb, impl="xla")
+
+  if extra is None:
+    out = jax.lax.map(lambda qb: block(qb, None), qs)
+  else:
+    es = jnp.moveaxis(extra.reshape(*extra.shape[:2], n, c, extra.shape[-1]), 2, 0)  # [n, B, 1|H, c, S]
+    out = jax.lax.map(lambda xs: block(*xs), (qs, es))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * c, h, hd)
+  return out[:, :t]
