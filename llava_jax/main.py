@@ -4,6 +4,8 @@ Modes:
   train    train (and resume) in --workdir; the README's main command runs configs/demo.py this way
   eval     evaluate a workdir's latest checkpoint (or --checkpoint) on the config's eval data
   inspect  print samples with the supervised spans marked and write --inspect_out JSON lines
+  chat     talk about an image in the terminal (--checkpoint or --workdir, --image); reads a pipe too
+  serve    OpenAI-compatible API + chat page on --host:--port (127.0.0.1:8000)
 """
 from __future__ import annotations
 
@@ -23,6 +25,23 @@ _INSPECT_LIMIT = flags.DEFINE_integer("inspect_limit", 8, "inspect mode: number 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (auto on TPU pods / SLURM).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+# chat / serve
+_IMAGE = flags.DEFINE_string("image", None, "chat: the image to talk about (/image PATH changes it).")
+_TEMPLATE = flags.DEFINE_string("template", None, "chat/serve: conversation template (default: the config's data.template).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.2, "chat, serve default: sampling temperature (0 = greedy).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "chat, serve default: nucleus sampling mass.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 512, "chat, serve default: most tokens per answer.")
+_SEED = flags.DEFINE_integer("seed", 0, "chat: sampling seed of the first answer (then +1 per answer).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (other than loopback = exposed).")
+_PORT = flags.DEFINE_integer("port", 8000, "serve: port.")
+_ALLOW_REMOTE_IMAGES = flags.DEFINE_bool("allow_remote_images", False, "serve: fetch http(s) image URLs.")
+_LOCAL_IMAGE_ROOT = flags.DEFINE_string("local_image_root", None, "serve: allow image paths under this directory.")
+_MAX_REQUEST_BYTES = flags.DEFINE_integer("max_request_bytes", 20 * 1024 * 1024, "serve: largest request body.")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", 1 << 25, "serve: largest decoded image (pixels).")
+_MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", None, "serve: longest prompt (default: the context).")
+_MAX_OUTPUT_TOKENS = flags.DEFINE_integer("max_output_tokens", 1024, "serve: largest max_tokens a request may ask.")
+_MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "serve: requests generated together.")
+
 
 
 def default_workdir(config_path: str) -> str:
@@ -59,6 +78,23 @@ def main(argv):
   elif mode == "inspect":
     from llava_jax.data.from_config import inspect_from_config
     inspect_from_config(config, out_path=_INSPECT_OUT.value, limit=_INSPECT_LIMIT.value, workdir=workdir)
+  elif mode in ("chat", "serve"):
+    from llava_jax.infer.loading import load_for_inference
+    model = load_for_inference(config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
+                               template=_TEMPLATE.value)
+    if mode == "chat":
+      from llava_jax.infer.chat import run_chat
+      sys.exit(run_chat(model, image=_IMAGE.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                        max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value))
+    from llava_jax.infer.openai_api import Limits
+    from llava_jax.infer.server import ServerOptions, serve
+    serve(model, ServerOptions(
+        host=_HOST.value, port=_PORT.value, max_batch_size=_MAX_BATCH_SIZE.value, limits=Limits(
+            max_request_bytes=_MAX_REQUEST_BYTES.value, max_image_pixels=_MAX_IMAGE_PIXELS.value,
+            max_prompt_tokens=_MAX_PROMPT_TOKENS.value, max_output_tokens=_MAX_OUTPUT_TOKENS.value,
+            default_max_tokens=min(_MAX_NEW_TOKENS.value, _MAX_OUTPUT_TOKENS.value),
+            default_temperature=_TEMPERATURE.value, default_top_p=_TOP_P.value,
+            allow_remote_images=_ALLOW_REMOTE_IMAGES.value, local_image_root=_LOCAL_IMAGE_ROOT.value)))
   else:
     raise app.UsageError(f"--mode={mode} is not available yet")
 
