@@ -25,7 +25,7 @@ from llava_jax.data.pipeline import make_pipeline
 from llava_jax.train import checkpointing, loop
 from llava_jax.train.metrics import read_metrics
 from llava_jax.train.optim import optimizer_from_config
-from llava_jax.train.state import abstract_train_state
+from llava_jax.train.state import abstract_train_state, state_shardings
 from llava_jax.train.step import make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,12 +129,13 @@ def test_resume_after_preemption_is_bit_identical(run_a, tmp_path, tokenizer_roo
       return out
     return step
 
+  handler_before = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(loop, "make_train_step", make_preempted_step)
   leg1 = loop.train(tiny_config(), workdir_b, tokenizer_workdir=tokenizer_root)
   monkeypatch.setattr(loop, "make_train_step", real_make_train_step)
   assert leg1.preempted and leg1.steps == PREEMPT_AT
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # train() put the previous handler back
-  assert checkpointing.Checkpointer(workdir_b).latest_step() == PREEMPT_AT  # saved off the every-2 grid
+  assert signal.getsignal(signal.SIGTERM) == handler_before  # train() put the previous handler back
+  assert _checkpoint_steps(workdir_b) == [2, PREEMPT_AT]  # the grid, and the preemption save off the grid
   assert not os.path.exists(os.path.join(workdir_b, loop.PARAMS_DIR))  # an unfinished stage exports nothing
   _assert_same_rows(read_metrics(workdir_b), rows_a, range(1, PREEMPT_AT + 1))
 
@@ -147,11 +148,13 @@ def test_resume_after_preemption_is_bit_identical(run_a, tmp_path, tokenizer_roo
   for x, y in zip(leaves(leg2.state), leaves(result_a.state), strict=True):
     np.testing.assert_array_equal(x, y)  # params, frozen, opt_state, rng: bit-identical
   assert jax.tree.structure(leg2.state) == jax.tree.structure(result_a.state)
-  config_b = checkpointing.Checkpointer(workdir_b).restore_config()
+  ckpt = checkpointing.Checkpointer(workdir_b)
+  config_b = ckpt.restore_config()
+  ckpt.close()
   assert config_b["train"]["num_steps"] == N_STEPS and config_b["mesh"] == [8, 1, 1]
 
 
-def _pipeline_at(config, workdir, tokenizer_root, data_state):
+def _pipeline_at(config, tokenizer_root, data_state):
   """The train() pipeline of `config`, restored to a checkpoint's iterator state."""
   model_config = recipes.llava_config(config.model)
   tokenizer = data_config.build_tokenizer(config, model_config, tokenizer_root)
@@ -159,7 +162,7 @@ def _pipeline_at(config, workdir, tokenizer_root, data_state):
   pipe = make_pipeline(source, seed=int(config.train.seed), global_batch_size=int(config.train.global_batch_size),
                        **data_config.pipeline_kwargs(config, model_config, tokenizer))
   pipe.set_state(data_state)
-  return pipe, len(source)
+  return pipe
 
 
 @pytest.mark.parametrize("new_mesh", [(2, 2, 2), (1, 4, 2)])
@@ -178,7 +181,7 @@ def test_restore_onto_a_different_mesh(run_a, tokenizer_root, new_mesh):
   for name, mesh in (("old", old_mesh), ("new", new)):
     abstract = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=config.train.trainable)
     state, data_state, _ = ckpt.restore(restore_step, abstract)
-    # every leaf lands on the target mesh's sharding, restored directly (no host round trip needed by us)
+    # every leaf lands on the target mesh's sharding (orbax reads it straight onto those shards)
     for x, a in zip(jax.tree.leaves(state), jax.tree.leaves(abstract), strict=True):
       assert x.sharding.is_equivalent_to(a.sharding, x.ndim), (x.sharding, a.sharding)
       assert x.shape == a.shape and x.dtype == a.dtype
@@ -197,13 +200,12 @@ def test_restore_onto_a_different_mesh(run_a, tokenizer_root, new_mesh):
   # Continue one step on each mesh from the restored data iterator: the loss of step restore_step+1 equals the
   # uninterrupted run's logged loss (exactly on the saving mesh, to float32 tolerance on the other one).
   logged = {r["step"]: r for r in read_metrics(workdir_a)}[restore_step + 1]
-  pipe, _ = _pipeline_at(config, workdir_a, tokenizer_root, states["old"][2])
+  pipe = _pipeline_at(config, tokenizer_root, states["old"][2])
   batch = next(pipe)
   pipe.close()
   out = {}
   for name, (mesh, state, _) in states.items():
-    step_fn = make_train_step(model_config, optimizer, mesh, state_shardings=jax.tree.map(lambda x: x.sharding,
-                                                                                           state))
+    step_fn = make_train_step(model_config, optimizer, mesh, state_shardings=state_shardings(state))
     new_state_after, m = step_fn(state, batch)
     out[name] = (jax.device_get(m), new_state_after)
   assert float(out["old"][0]["loss"]) == logged["loss"]
