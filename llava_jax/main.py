@@ -25,6 +25,11 @@ _INSPECT_LIMIT = flags.DEFINE_integer("inspect_limit", 8, "inspect mode: number 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (auto on TPU pods / SLURM).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+# eval with a judge (LLaVA-Bench reviews, the ScienceQA judge ensemble); the API key is read from the environment
+_JUDGE_BASE_URL = flags.DEFINE_string("judge_base_url", None, "eval: the judge's OpenAI-compatible endpoint, e.g. "
+                                      "http://127.0.0.1:8001/v1 (default: config.eval.judge.base_url, else "
+                                      "$OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY.")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "eval: the judge model name (config.eval.judge.model).")
 # chat / serve
 _IMAGE = flags.DEFINE_string("image", None, "chat: the image to talk about (/image PATH changes it).")
 _TEMPLATE = flags.DEFINE_string("template", None, "chat/serve: conversation template (default: the config's data.template).")
@@ -58,6 +63,19 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def apply_judge_flags(config) -> None:
+  """--judge_base_url / --judge_model → config.eval.judge (an eval kind that uses a judge)."""
+  if _JUDGE_BASE_URL.value is None and _JUDGE_MODEL.value is None:
+    return
+  if config.get("eval") is None or config.eval.get("judge") is None:
+    raise app.UsageError("--judge_base_url / --judge_model need a config whose eval section has a judge "
+                         "(eval.kind 'scienceqa' or 'llava_bench')")
+  if _JUDGE_BASE_URL.value is not None:
+    config.eval.judge.base_url = _JUDGE_BASE_URL.value
+  if _JUDGE_MODEL.value is not None:
+    config.eval.judge.model = _JUDGE_MODEL.value
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -73,6 +91,7 @@ def main(argv):
     from llava_jax.train.loop import train_and_evaluate
     train_and_evaluate(config, workdir)
   elif mode == "eval":
+    apply_judge_flags(config)
     from llava_jax.train.loop import evaluate_checkpoint
     evaluate_checkpoint(config, workdir, checkpoint=_CHECKPOINT.value)
   elif mode == "inspect":

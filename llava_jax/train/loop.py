@@ -36,6 +36,7 @@ from llava_jax.train.step import make_train_step
 logger = logging.getLogger(__name__)
 
 PARAMS_DIR = "params"
+EVAL_KINDS = ("synthetic", "scienceqa", "llava_bench")
 
 
 @dataclasses.dataclass
@@ -232,11 +233,24 @@ def _progress(start: int, total: int):
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) -> dict:
   """`--mode=eval`: score a finished run's params (its last stage's `params/`, or --checkpoint = a params dir
-  or a pretrained checkpoint directory) on `config.eval`'s held-out data."""
+  or a pretrained checkpoint directory) on `config.eval`, by `config.eval.kind`:
+  'synthetic' (default; the demo's held-out questions, eval/synthetic.py), 'scienceqa' (eval/scienceqa.py) or
+  'llava_bench' (eval/llava_bench.py)."""
   if config.get("eval") is None:
     raise ValueError("this config has no `eval` section; --mode=eval needs one (see configs/demo.py)")
+  kind = config.eval.get("kind", "synthetic") or "synthetic"
+  if kind not in EVAL_KINDS:
+    raise ValueError(f"config.eval.kind={kind!r}; choose one of {EVAL_KINDS}")
   stages = stage_configs(config)
   name, last = stages[-1]
+  if kind != "synthetic":
+    from llava_jax.infer.loading import load_for_inference
+    model = load_for_inference(config, workdir=workdir, checkpoint=checkpoint)
+    if kind == "scienceqa":
+      from llava_jax.eval.scienceqa import evaluate_scienceqa as run
+    else:
+      from llava_jax.eval.llava_bench import evaluate_llava_bench as run
+    return run(last, model.config, model.params, model.tokenizer, workdir=workdir, mesh=model.mesh)
   mesh = parallel.make_mesh(tuple(config.mesh))
   model_config = recipes.llava_config(last.model)
   path = checkpoint or os.path.join(workdir if name is None else os.path.join(workdir, name), PARAMS_DIR)
