@@ -266,7 +266,10 @@ def serve(model, options: ServerOptions) -> None:
     logger.warning("listening on %s: anyone who can reach this address can use the model", options.host)
   print(f"serving {model.name} on http://{options.host}:{options.port}/  (chat page at /, API at /v1)",
         flush=True)
-  make_server(model, options).run()
+  try:
+    make_server(model, options).run()
+  except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+    print("server stopped", flush=True)
 
 
 class ServerThread:

@@ -99,8 +99,8 @@ def hf_pixels(image_path_or_bytes, size: int = 28):
   return proc(images=[image], return_tensors="pt")["pixel_values"]
 
 
-def hf_answer(tokenizer, prompt: str, image=None, max_new_tokens: int = 12) -> str:
-  """transformers' greedy generate on the reference prompt → the decoded answer (special tokens skipped)."""
+def hf_generate(tokenizer, prompt: str, image=None, max_new_tokens: int = 12):
+  """transformers' greedy generate on the reference prompt → (prompt ids, new ids incl. a final EOS)."""
   import torch
   model = hf_model()
   k = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
@@ -111,5 +111,70 @@ def hf_answer(tokenizer, prompt: str, image=None, max_new_tokens: int = 12) -> s
     args["pixel_values"] = hf_pixels(image, model.config.vision_config.image_size)
   with torch.no_grad():
     out = model.generate(**args)
-  new = out[0, ids.shape[1]:].tolist()
-  return tokenizer.decode(new, skip_special_tokens=True)
+  return ids[0].tolist(), out[0, ids.shape[1]:].tolist()
+
+
+def hf_answer(tokenizer, prompt: str, image=None, max_new_tokens: int = 12) -> str:
+  """transformers' greedy answer on the reference prompt, decoded (special tokens skipped)."""
+  return tokenizer.decode(hf_generate(tokenizer, prompt, image, max_new_tokens)[1], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP (stdlib client, bounded timeouts, 127.0.0.1 only)
+
+def load_tiny_config():
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(root, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def data_uri(png: bytes) -> str:
+  import base64
+  return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def user_message(text: str, png: bytes = None) -> dict:
+  if png is None:
+    return {"role": "user", "content": text}
+  return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png)}},
+                                      {"type": "text", "text": text}]}
+
+
+def call(url: str, method: str, path: str, body=None, headers=None, timeout: float = 120.0):
+  """→ (status, headers dict (lower-case names), body bytes). A dict/list body is sent as JSON."""
+  import http.client
+  import json
+  import urllib.parse
+  u = urllib.parse.urlparse(url)
+  headers = dict(headers or {})
+  if isinstance(body, (dict, list)):
+    body = json.dumps(body).encode()
+    headers.setdefault("Content-Type", "application/json")
+  conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+  try:
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+  finally:
+    conn.close()
+
+
+def post_json(url: str, body, **kw):
+  import json
+  status, headers, data = call(url, "POST", "/v1/chat/completions", body, **kw)
+  return status, headers, json.loads(data)
+
+
+def sse_data(raw: bytes):
+  """Server-sent events → the `data:` payloads in order (strings)."""
+  events = raw.decode("utf-8").split("\n\n")
+  assert events[-1] == "", "a stream ends with a blank line"
+  out = []
+  for event in events[:-1]:
+    lines = event.split("\n")
+    assert all(line.startswith("data: ") for line in lines), event
+    out.append("\n".join(line[len("data: "):] for line in lines))
+  return out
