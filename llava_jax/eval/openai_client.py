@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import http.client
 import json
 import logging
 import os
@@ -222,7 +223,8 @@ class ChatClient:
       retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
       raise ChatError(f"HTTP {status} from {self.url}: {detail}", status=status,
                       retryable=status in RETRYABLE_STATUS or status >= 500, retry_after=retry_after) from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError,
+            http.client.HTTPException) as e:  # refused, reset, timed out, cut short (IncompleteRead)
       reason = getattr(e, "reason", e)
       raise ChatError(f"cannot reach {self.url}: {reason}", retryable=True) from None
     return parse_completion(body)

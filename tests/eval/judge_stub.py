@@ -22,13 +22,15 @@ from typing import Callable, Dict, Optional, Union
 @dataclasses.dataclass
 class Reply:
   """text: the completion (status 200, a well-formed body with usage); or status + raw body (bytes / str) for
-  anything else; headers: extra response headers; finish_reason; usage (prompt, completion) or None."""
+  anything else; headers: extra response headers; finish_reason; usage (prompt, completion) or None;
+  cut_short: announce a longer body than is sent, then hang up (the client sees an incomplete read)."""
   text: Optional[str] = None
   status: int = 200
   raw: Optional[Union[bytes, str]] = None
   headers: Dict[str, str] = dataclasses.field(default_factory=dict)
   finish_reason: str = "stop"
   usage: Optional[tuple] = (11, 7)
+  cut_short: bool = False
 
 
 def completion_body(text: str, model: str, finish_reason: str = "stop", usage=(11, 7)) -> dict:
@@ -79,12 +81,12 @@ class JudgeStub:
           self._send(reply.status, data.encode() if isinstance(data, str) else data, reply.headers)
           return
         out = completion_body(reply.text, body.get("model", ""), reply.finish_reason, reply.usage)
-        self._send(200, json.dumps(out).encode(), reply.headers)
+        self._send(200, json.dumps(out).encode(), reply.headers, extra_length=100 if reply.cut_short else 0)
 
-      def _send(self, status, data: bytes, headers=None):
+      def _send(self, status, data: bytes, headers=None, extra_length=0):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(len(data) + extra_length))
         for k, v in (headers or {}).items():
           self.send_header(k, v)
         self.end_headers()

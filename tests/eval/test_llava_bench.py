@@ -101,6 +101,12 @@ def test_client_times_out_and_retries():
   assert res.text == "late but fine" and res.attempts == 2
 
 
+def test_client_retries_a_reply_cut_short():
+  with JudgeStub(lambda body, attempt: Reply(text="whole", cut_short=attempt == 0)) as stub:
+    res = _client(stub).chat(MSG)
+  assert res.text == "whole" and res.attempts == 2
+
+
 def test_client_sends_the_key_only_as_a_bearer_token(monkeypatch):
   monkeypatch.delenv(oc.API_KEY_ENV, raising=False)
   with JudgeStub(lambda body, attempt: "ok") as stub:
@@ -410,3 +416,30 @@ def test_mode_eval_llava_bench_cli(tmp_path, tiny_tokenizer_dir):
   assert s["overall"]["relative"] == pytest.approx(6 / 8.5 * 100) and s["overall"]["reference_method"] == 68.8
   assert report["judge"]["model"] == "stub-judge" and report["judge"]["usage"]["requests"] == 3
   assert "relative" in proc.stdout and "conversation" in proc.stdout
+
+
+def test_the_project_server_as_the_judge(coco_bench, tmp_path, tiny_tokenizer_dir):
+  """Our client against our own OpenAI-compatible server (a random tiny model as the 'judge'): every request
+  is answered with a well-formed completion and usage, and its reviews are scored by the same rules."""
+  from llava_jax.infer.loading import load_for_inference
+  from llava_jax.infer.openai_api import Limits
+  from llava_jax.infer.server import ServerOptions, ServerThread
+  config = tiny_model.tiny_config(tiny_tokenizer_dir)
+  params = tiny_model.save_random_params(config, str(tmp_path / "params"), seed=7)
+  model = load_for_inference(config, checkpoint=params, workdir=str(tmp_path), mesh=None)
+  rules = {c: {"role": "Assistant", "prompt": "Two scores."} for c in lb.CATEGORIES}
+  items = lb.load_bench(*coco_bench)
+  options = ServerOptions(port=0, limits=Limits(max_output_tokens=8, default_max_tokens=4), max_batch_size=4,
+                          batch_window_s=0.2)
+  with ServerThread(model, options) as srv:
+    client = oc.ChatClient(srv.url + "/v1", model.name, "", max_retries=0, timeout=300, concurrency=3)
+    report = lb.review_and_summarize(items, {k: {"text": v} for k, v in OURS.items()}, client, str(tmp_path),
+                                     rules=rules, max_tokens=4, print_fn=lambda s: None)
+  assert report["request_failures"] == {} and report["summary"]["overall"]["n"] == 6
+  reviews = [json.loads(l) for l in open(tmp_path / "reviews.jsonl")]
+  assert len(reviews) == 6
+  for r in reviews:
+    assert r["model"] == model.name and isinstance(r["content"], str)
+    assert 1 <= r["usage"]["completion_tokens"] <= 4 and r["usage"]["prompt_tokens"] > 20
+    assert r["parsed"] == (lb.parse_scores(r["content"]) is not None)
+  assert client.usage.requests == 6 and client.usage.usage_missing == 0
