@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
