@@ -1,7 +1,7 @@
 """Batched generation: prefill the prompts (image features spliced in) into a KV cache, then decode.
 
 Design (the choices and why):
-- Cache: an explicit `KVCache` pytree (k / v [L, B, S, Hkv, hd] + valid [B, S]; `models/llama.py`), passed
+- Cache: an explicit `KVCache` pytree (k / v [L, B, Hkv, S, hd] + valid [B, S]; `models/llama.py`), passed
   in and out of jitted functions. It needs no mutable flax collection, is a plain `while_loop` carry, works
   unchanged with `scan_layers` (the layer axis is scanned with the params) and shards by logical
   constraints like any activation, so params sharded on a mesh just work.

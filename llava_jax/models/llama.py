@@ -11,7 +11,7 @@ positions restarting per segment). Attention is split into projections + RoPE (`
 kernel on (q, k, v, mask); the KV cache sits between them without touching the param tree.
 
 KV cache (decoding, `LlamaForCausalLM.extend`): an explicit pytree `KVCache(k, v, valid)` passed in and
-returned, never a flax 'cache' collection. k / v are [L, B, S, Hkv, hd] with the layer axis first, so with
+returned, never a flax 'cache' collection. k / v are [L, B, Hkv, S, hd] with the layer axis first, so with
 `scan_layers` the scanned block takes its layer's slice as a scanned input (in_axes 0) and returns the
 updated slice as its stacked output, and unscanned layers index it; `valid` [B, S] bool marks the slots that
 hold real tokens (left padding, unwritten slots). `extend` writes T new tokens at slots [index, index + T)
@@ -100,12 +100,14 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------
 # KV cache
 
-_CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+_CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", None)
 
 
 @flax.struct.dataclass
 class KVCache:
-  """Decoder KV cache. k, v [L, B, S, Hkv, hd] (compute dtype, RoPE already applied to k);
+  """Decoder KV cache. k, v [L, B, Hkv, S, hd] (compute dtype, RoPE already applied to k; head-major, so the
+  attention matmuls read each layer's cache in place: a slot-major [B, S, Hkv, hd] cache made XLA transpose
+  the whole cache at every decode step, several times slower on CPU: bench/README.md);
   valid [B, S] bool (slot holds a real token that later queries may attend to)."""
   k: jax.Array
   v: jax.Array
@@ -113,12 +115,12 @@ class KVCache:
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 def init_kv_cache(config: TextConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
   """Empty cache for `batch` rows of up to `max_length` tokens (every slot invalid)."""
-  shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.resolved_head_dim)
+  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length, config.resolved_head_dim)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_length), bool))
 
 
@@ -168,7 +170,7 @@ class LlamaAttention(nn.Module):
   """Self-attention with RoPE and grouped-query heads: x [B, T, D] → [B, T, D].
 
   q/k/v kernels are flat [D, heads * hd] (head h = columns h*hd:(h+1)*hd, as HF). `mask` [B, 1, T, S] bool.
-  With `kv = (k_cache, v_cache)` [B, S, Hkv, hd] the new k/v are written at slots [kv_index, kv_index + T),
+  With `kv = (k_cache, v_cache)` [B, Hkv, S, hd] the new k/v are written at slots [kv_index, kv_index + T),
   attention runs over the whole cache, and the call returns `(out, (k_cache, v_cache))`.
   """
   config: TextConfig
@@ -188,13 +190,14 @@ class LlamaAttention(nn.Module):
     impl = rt.attention_impl
     if kv is not None:  # KV cache: write the new k/v at their slots, attend over the whole cache
       k_cache, v_cache = kv
-      start = (0, kv_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-      k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", None))
-      v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
-      impl = "dot_product" if impl == "cudnn" else impl  # same maths; cudnn's flash kernel wants long queries
-    out = attend(q, k, v, mask, impl)
+      start = (0, 0, kv_index, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), start)
+      k = nn.with_logical_constraint(k, ("batch", "act_kv_heads", "length", None))
+      v = nn.with_logical_constraint(v, ("batch", "act_kv_heads", "length", None))
+      out = attend_cached(q, k, v, mask, impl)
+    else:
+      out = attend(q, k, v, mask, impl)
     out = checkpoint_name(out.reshape(b, t, h * hd), "attn_out")
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
     out = _dense(cfg.hidden_size, ("heads", "embed"), rt, "o_proj")(out)
@@ -212,6 +215,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str)
   if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention_impl='cudnn' needs runtime.dtype bfloat16 or float16, got {q.dtype}")
   return common.attention(q, k, v, None, impl=impl, mask=mask)
+
+
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+  """Attention over a head-major cache: q [B, T, H, hd], k/v [B, Hkv, S, hd], mask [B, 1, T, S] bool →
+  [B, T, H, hd].
+
+  'xla' contracts against the cache in its own layout (batch dims B, Hkv leading), float32 softmax and additive
+  bias exactly as `common.attention`; only q and the output are transposed, which are T rows, not S. The other
+  kernels ('dot_product', 'cudnn' → 'dot_product': cudnn's flash kernel wants long queries; 'chunked') take the
+  slot-major [B, S, Hkv, hd] view.
+  """
+  if impl != "xla":
+    impl = "dot_product" if impl == "cudnn" else impl
+    return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, impl)
+  b, t, h, hd = q.shape
+  hkv = k.shape[1]
+  qg = jnp.transpose(q.reshape(b, t, hkv, h // hkv, hd), (0, 2, 3, 1, 4))  # [B, Hkv, g, T, hd]
+  scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+  scores = scores + common.mask_to_bias(mask)[:, :, None]  # [B, 1, 1, T, S]
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, hd)
 
 
 class LlamaMLP(nn.Module):
@@ -232,7 +257,7 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
   """One block: (x [B, T, D], cos, sin [B, T, hd], mask [B, 1, T, S], kv, kv_index) → (x, kv) (scan's
-  (carry, y)). `kv` None (no cache, S = T) gives y = None; else this layer's (k, v) [B, S, Hkv, hd] cache
+  (carry, y)). `kv` None (no cache, S = T) gives y = None; else this layer's (k, v) [B, Hkv, S, hd] cache
   slice, returned updated."""
   config: TextConfig
   runtime: RuntimeOptions
