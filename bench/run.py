@@ -1,0 +1,249 @@
+"""Run every benchmark, llava_jax beside transformers' PyTorch LLaVA, and write the report.
+
+    python -m bench.run                      # the full report: bench/results/<date>.{json,md,png}
+    python -m bench.run --preset quick --out-dir /tmp/b     # seconds-long smoke run (tests/test_bench.py)
+    python -m bench.run --update-readme      # also put the table into README.md between the bench markers
+
+Each task runs in a child process of this one (`bench/child.py`) with the same environment: N threads for
+torch / OpenMP / MKL / OpenBLAS, CPU affinity to N cores (which sizes XLA's CPU thread pool), one jax CPU
+device, and OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed. The load average is recorded before and after
+every task: the numbers are only as good as the machine was quiet.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+from bench import common, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARK = "@@BENCH@@ "
+SIDES = ("jax", "torch")
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", choices=sorted(common.PRESETS), default="full")
+  ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                  help="threads for both frameworks (default: all CPUs this process may use)")
+  ap.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
+  ap.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir, removed after)")
+  ap.add_argument("--date", default=None, help="report name (default: today, YYYY-MM-DD)")
+  ap.add_argument("--only", default=None,
+                  help="comma-separated groups to run: model (jax+torch), data, ckpt (default: all)")
+  ap.add_argument("--runtime", default="{}", help="JSON RuntimeOptions for llava_jax, e.g. '{\"scan_layers\": false}'")
+  ap.add_argument("--update-readme", action="store_true", help="replace the table between the README markers")
+  ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per task")
+  return ap.parse_args(argv)
+
+
+def _groups(only: Optional[str]) -> List[str]:
+  groups = ["model", "data", "ckpt"] if not only else [g.strip() for g in only.split(",") if g.strip()]
+  bad = set(groups) - {"model", "data", "ckpt"}
+  if bad:
+    raise SystemExit(f"--only: unknown groups {sorted(bad)}; choose from model, data, ckpt")
+  return groups
+
+
+def run_child(task: str, args: dict, workdir: str, env: Dict[str, str], cpus: List[int], timeout: float) -> dict:
+  """Run one task in a child process; returns its output dict (raises with the child's stderr on failure)."""
+  args_path = os.path.join(workdir, f"{task}.args.json")
+  out_path = os.path.join(workdir, f"{task}.out.json")
+  common.write_json(args_path, args)
+  t0 = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "bench.child", task, args_path, out_path], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout,
+                        preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+  if proc.returncode != 0:
+    raise RuntimeError(f"benchmark task {task!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+  with open(out_path) as f:
+    out = json.load(f)
+  print(f"[bench] {task:10s} {time.perf_counter() - t0:7.1f} s   load {out['loadavg_before'][0]:.2f} → "
+        f"{out['loadavg_after'][0]:.2f}", flush=True)
+  return out
+
+
+class Server:
+  """A `bench.child serve SIDE` process: loads its model once, then runs benchmark commands one at a time."""
+
+  def __init__(self, side: str, args_path: str, workdir: str, env: Dict[str, str], cpus: List[int]):
+    self.side = side
+    self.log_path = os.path.join(workdir, f"{side}.server.log")
+    self._log = open(self.log_path, "w")
+    self.proc = subprocess.Popen([sys.executable, "-m", "bench.child", "serve", side, args_path], cwd=REPO, env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                 preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    ready = self._read()
+    self.facts, self.benches = ready["facts"], ready["benches"]
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(MARK):
+        obj = json.loads(line[len(MARK):])
+        if "error" in obj:
+          raise RuntimeError(f"{self.side} benchmark server failed:\n{obj['error']}")
+        return obj
+    code = self.proc.wait()
+    with open(self.log_path) as f:
+      tail = f.read()[-4000:]
+    raise RuntimeError(f"{self.side} benchmark server exited with code {code}:\n{tail}")
+
+  def call(self, **cmd) -> dict:
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      try:
+        self.call(cmd="quit")
+        self.proc.wait(timeout=60)
+      except Exception:
+        self.proc.kill()
+        self.proc.wait()
+    self._log.close()
+
+
+def _reps_for(p: common.Preset, name: str) -> int:
+  if name == "train":
+    return p.train_reps
+  if name.startswith("decode"):
+    return max(2, p.reps // 2)
+  return p.reps
+
+
+def run_model_group(p: common.Preset, args_path: str, workdir: str, env, cpus, loads: list) -> dict:
+  """Both sides as servers; for each benchmark: warm-up on each side, then repetitions alternating between the
+  sides (the first side alternating too), so slow drifts of the machine's load hit both alike."""
+  servers: Dict[str, Server] = {}
+  try:
+    for side in SIDES:
+      servers[side] = Server(side, args_path, workdir, env, cpus)
+    names = list(servers["jax"].benches) + [b for b in servers["torch"].benches if b not in servers["jax"].benches]
+    out = {side: dict(facts=servers[side].facts, benches={}) for side in SIDES}
+    for name in names:
+      t0 = time.perf_counter()
+      sides = [s for s in SIDES if name in servers[s].benches]
+      warm = {s: servers[s].call(cmd="warmup", bench=name, n=p.warmup)["reps"] for s in sides}
+      reps: Dict[str, list] = {s: [] for s in sides}
+      for r in range(_reps_for(p, name)):
+        for s in (sides if r % 2 == 0 else sides[::-1]):
+          answer = servers[s].call(cmd="rep", bench=name)
+          reps[s].append(answer["rep"])
+          loads.append(answer["loadavg"])
+      for s in sides:
+        out[s]["benches"][name] = dict(summary=common.summarize(reps[s]), reps=reps[s], warmup=warm[s],
+                                       info=servers[s].call(cmd="info", bench=name)["info"])
+      print(f"[bench] {name:16s} {time.perf_counter() - t0:7.1f} s   load {loads[-1][0]:.2f}", flush=True)
+    return out
+  finally:
+    for server in servers.values():
+      server.close()
+
+
+def _ckpt_bytes(p: common.Preset) -> int:
+  d, f, layers, v = p.ckpt_t_hidden, p.ckpt_t_mlp, p.ckpt_t_layers, p.vocab
+  vd, vf, vl = p.ckpt_v_hidden, p.ckpt_v_mlp, p.ckpt_v_layers
+  text = layers * (4 * d * d + 3 * d * f) + 2 * v * d
+  vision = vl * (4 * vd * vd + 2 * vd * vf)
+  return 4 * (text + vision + vd * d + d * d)
+
+
+def run(argv=None) -> dict:
+  a = parse_args(argv)
+  p = common.PRESETS[a.preset]
+  groups = _groups(a.only)
+  date = a.date or datetime.date.today().isoformat()
+  cpus = sorted(os.sched_getaffinity(0))[:a.threads]
+  if len(cpus) < a.threads:
+    raise SystemExit(f"--threads {a.threads}: only {len(cpus)} CPUs are available to this process")
+  env = common.thread_env(a.threads)
+  own_workdir = a.workdir is None
+  workdir = a.workdir or tempfile.mkdtemp(prefix="llava_bench_")
+  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(a.out_dir, exist_ok=True)
+  shared = dict(preset=p.name, threads=a.threads, model_dir=os.path.join(workdir, "model"),
+                tokenizer_dir=os.path.join(workdir, "tokenizer"), ckpt_dir=os.path.join(workdir, "ckpt"),
+                runtime=json.loads(a.runtime))
+  outputs: Dict[str, dict] = {}
+  model = None
+  skipped: Dict[str, str] = {}
+  loads = [common.loadavg()]
+  try:
+    outputs["prepare"] = run_child("prepare", shared, workdir, env, cpus, a.timeout)
+    if "model" in groups:
+      args_path = os.path.join(workdir, "serve.args.json")
+      common.write_json(args_path, shared)
+      model = run_model_group(p, args_path, workdir, env, cpus, loads)
+    tasks = []
+    if "data" in groups:
+      tasks += ["data_ours", "data_torch"]
+    if "ckpt" in groups:
+      need = 2 * _ckpt_bytes(p)
+      free = shutil.disk_usage(workdir).free
+      if free < need:
+        skipped["ckpt"] = f"needs {need / 2 ** 30:.1f} GiB free in {workdir}, has {free / 2 ** 30:.1f} GiB"
+      else:
+        tasks += ["ckpt_gen", "ckpt_ours", "ckpt_hf"]
+    for task in tasks:
+      outputs[task] = run_child(task, shared, workdir, env, cpus, a.timeout)
+      loads += [outputs[task]["loadavg_before"], outputs[task]["loadavg_after"]]
+      if task == "ckpt_hf":
+        shutil.rmtree(shared["ckpt_dir"], ignore_errors=True)
+  finally:
+    if own_workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
+  results = {k: v["result"] for k, v in outputs.items()}
+  if model is not None:
+    results.update(model)
+  rep = report.build(results, p)
+  one_minute = [x[0] for x in loads]
+  meta = dict(date=date, preset=p.name, threads=a.threads, affinity=cpus, machine=common.machine_facts(),
+              load_summary=f"{min(one_minute):.2f}–{max(one_minute):.2f} (1-min, sampled around each task)",
+              loadavg_samples=loads, runtime=shared["runtime"], skipped=skipped,
+              child_facts=dict({k: v["facts"] for k, v in outputs.items()},
+                               **({s: model[s]["facts"] for s in SIDES} if model else {})),
+              task_wall_s={k: v["wall_s"] for k, v in outputs.items()})
+  doc = dict(meta=meta, preset=p.to_dict(), report=rep, raw=results)
+  base = os.path.join(a.out_dir, date)
+  common.write_json(base + ".json", doc)
+  md = report.markdown(rep, meta)
+  if skipped:
+    md += "".join(f"- skipped {k}: {v}\n" for k, v in skipped.items())
+  with open(base + ".md", "w") as f:
+    f.write(md)
+  if rep["rows"]:
+    report.chart(rep, meta, base + ".png")
+  if a.update_readme:
+    update_readme(os.path.join(REPO, "README.md"), md, os.path.relpath(base, REPO))
+  print(md)
+  return doc
+
+
+def update_readme(path: str, md: str, base_rel: str) -> None:
+  """Replace the text between the bench markers of README.md with the latest table (markers must exist)."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if README_START not in text or README_END not in text:
+    raise SystemExit(f"{path} has no {README_START} … {README_END} markers")
+  body = md.split("\n", 2)[2] if md.startswith("###") else md  # drop the title line: the README has its own
+  block = (f"{README_START}\nLatest run: [`{base_rel}.md`]({base_rel}.md), chart [`{base_rel}.png`]({base_rel}.png)."
+           f"\n\n{body.strip()}\n{README_END}")
+  text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: block, text, flags=re.S)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+if __name__ == "__main__":
+  run()
