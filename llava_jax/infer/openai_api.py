@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import math
 import os
@@ -29,6 +30,7 @@ from llava_jax.infer.engine import Request
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
+MAX_CHARS_PER_TOKEN = 32  # messages longer than this many characters per prompt token are refused untokenized
 
 
 class APIError(Exception):
@@ -220,11 +222,13 @@ def conversation(messages: Any, limits: Limits) -> Tuple[List[dict], List[Any]]:
 
 # ------------------------------------------------------------------------------------------------ request
 
-def parse_chat_request(body: Any, model, limits: Limits) -> ChatRequest:
+def parse_chat_request(body: Any, model, limits: Limits, work_lock=None) -> ChatRequest:
   """A decoded JSON body → ChatRequest (prompt encoded, images decoded and preprocessed). Raises APIError.
 
-  model: an `infer.loading.InferenceModel`.
+  model: an `infer.loading.InferenceModel`. work_lock: held while images are decoded and the prompt is
+  tokenized (a threading.Lock shared by the server's request threads; fetching remote images is outside it).
   """
+  work_lock = work_lock if work_lock is not None else contextlib.nullcontext()
   if not isinstance(body, dict):
     raise bad("the request body must be a JSON object")
   stream = body.get("stream", False)
@@ -249,20 +253,26 @@ def parse_chat_request(body: Any, model, limits: Limits) -> ChatRequest:
     raise bad(f"{max_name} must be between 1 and {limits.max_output_tokens}, got {max_tokens}", max_name)
 
   turns, urls = conversation(body.get("messages"), limits)
-  pixels = []
-  for j, url in enumerate(urls):
-    data = image_bytes(url, limits, f"image {j}")
-    try:
-      pixels.append(model.image_pixels(data, max_pixels=limits.max_image_pixels))
-    except SampleError as e:
-      raise bad(f"image {j}: {e}", "messages", "invalid_image") from None
-  try:
-    ids = model.encode(turns, num_images=len(urls))
-  except SampleError as e:
-    raise bad(str(e), "messages") from None
-
   context = model.max_positions
   max_prompt = min(limits.max_prompt_tokens or context - 1, context - 1)
+  chars = sum(len(t["value"]) for t in turns)
+  if chars > MAX_CHARS_PER_TOKEN * max_prompt:  # surely too long: refuse before tokenizing
+    raise bad(f"the messages hold {chars} characters, far above this server's prompt limit of {max_prompt} "
+              "tokens", "messages", "context_length_exceeded")
+  encoded = [image_bytes(url, limits, f"image {j}") for j, url in enumerate(urls)]
+  with work_lock:  # decoding and tokenizing one request at a time bounds memory and shares the tokenizer
+    pixels = []
+    for j, data in enumerate(encoded):
+      try:
+        pixels.append(model.image_pixels(data, max_pixels=limits.max_image_pixels))
+      except SampleError as e:
+        raise bad(f"image {j}: {e}", "messages", "invalid_image") from None
+    del encoded
+    try:
+      ids = model.encode(turns, num_images=len(urls))
+    except SampleError as e:
+      raise bad(str(e), "messages") from None
+
   if len(ids) > max_prompt:
     raise bad(f"the prompt is {len(ids)} tokens (images included), above this server's limit of {max_prompt}",
               "messages", "context_length_exceeded")

@@ -103,7 +103,7 @@ def create_app(model, options: Optional[ServerOptions] = None, engine: Optional[
   own_engine = engine is None
   engine = engine or Engine(model, max_batch_size=options.max_batch_size, batch_window_s=options.batch_window_s,
                             max_queue=options.max_queue, steps_per_chunk=options.steps_per_chunk)
-  encode_lock = threading.Lock()  # one tokenizer for every request thread
+  work_lock = threading.Lock()  # image decoding and tokenizing: one request at a time
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -167,8 +167,7 @@ def create_app(model, options: Optional[ServerOptions] = None, engine: Optional[
       body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
       raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-    with encode_lock:
-      return parse_chat_request(body, model, limits)
+    return parse_chat_request(body, model, limits, work_lock)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):

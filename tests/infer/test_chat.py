@@ -145,3 +145,37 @@ def test_chat_from_finished_workdir_on_mesh(tmp_path, tiny_tokenizer):
   expected = cf.hf_answer(tiny_tokenizer, cf.reference_prompt([("<image>\nWhich shape?", None)]), image, 8).lstrip()
   assert out.getvalue() == f"USER: ASSISTANT: {expected}\nUSER: "
   assert "vicuna_v1" in err.getvalue()
+
+
+def test_checkpoint_resolution(tmp_path):
+  """What --checkpoint / --workdir may name, for a one-stage and a two-stage config (no weights read)."""
+  from llava_jax.infer.loading import resolve_checkpoint
+
+  def orbax_dir(path):
+    path.mkdir(parents=True)
+    (path / "_CHECKPOINT_METADATA").write_text("{}")
+    return str(path)
+
+  one = _config()
+  two = _config("configs/demo.py")
+  run1, run2 = tmp_path / "run1", tmp_path / "run2"
+  p1 = orbax_dir(run1 / "params")
+  p2 = orbax_dir(run2 / "stage2" / "params")
+  (run2 / "tokenizer").mkdir()
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text("{}")
+  assert resolve_checkpoint(one, str(run1), None) == ("params", p1, str(run1))
+  assert resolve_checkpoint(two, str(run2), None) == ("params", p2, str(run2))
+  assert resolve_checkpoint(one, None, str(run1)) == ("params", p1, str(run1))  # a workdir as --checkpoint
+  assert resolve_checkpoint(two, None, str(run2)) == ("params", p2, str(run2))
+  assert resolve_checkpoint(two, None, p2) == ("params", p2, str(run2))  # finds the run's tokenizer/
+  assert resolve_checkpoint(one, str(run1), str(hf)) == ("pretrained", str(hf), str(run1))
+  with pytest.raises(FileNotFoundError, match="train first"):
+    resolve_checkpoint(two, str(run1), None)  # a one-stage run has no stage2/params
+  with pytest.raises(FileNotFoundError, match="neither"):
+    resolve_checkpoint(one, None, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    resolve_checkpoint(one, None, str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match="--checkpoint"):
+    resolve_checkpoint(one, None, None)

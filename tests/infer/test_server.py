@@ -277,6 +277,9 @@ def test_context_limits(server, model):
   long_text = "the quick brown fox " * 200
   status, _, raw = cf.call(server.url, "POST", "/v1/chat/completions", _messages({"role": "user", "content": long_text}))
   _assert_error(status, raw, 400, "messages", "context_length_exceeded")
+  status, _, raw = cf.call(server.url, "POST", "/v1/chat/completions",  # refused before tokenizing
+                           _messages({"role": "user", "content": "x" * 600_000}))
+  _assert_error(status, raw, 400, "messages", "context_length_exceeded")
   n = next(n for n in range(20, 2000, 5) if len(model.encode([{"from": "human", "value": "cat " * n}], 0)) > 460)
   body = dict(_messages({"role": "user", "content": "cat " * n}), max_tokens=64)
   status, _, raw = cf.call(server.url, "POST", "/v1/chat/completions", body)
