@@ -154,6 +154,45 @@ def test_resume_after_preemption_is_bit_identical(run_a, tmp_path, tokenizer_roo
   assert config_b["train"]["num_steps"] == N_STEPS and config_b["mesh"] == [8, 1, 1]
 
 
+def test_resume_after_a_crash_redoes_the_steps_since_the_last_checkpoint(run_a, tmp_path, tokenizer_root,
+                                                                          monkeypatch):
+  """A hard failure (no preemption save) during step 4: the rerun resumes from the step-2 checkpoint, redoes
+  steps 3.. with the batches of steps 3.. (the iterator state of step 2), and ends bit-identical to run A."""
+  workdir_a, result_a = run_a
+  rows_a = read_metrics(workdir_a)
+  workdir = str(tmp_path / "crash")
+  real_make_train_step = loop.make_train_step
+
+  def make_crashing_step(*args, **kwargs):
+    step_fn = real_make_train_step(*args, **kwargs)
+    calls = []
+
+    def step(state, batch):
+      calls.append(1)
+      if len(calls) == 4:
+        raise RuntimeError("simulated crash")
+      return step_fn(state, batch)
+    return step
+
+  monkeypatch.setattr(loop, "make_train_step", make_crashing_step)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    loop.train(tiny_config(), workdir, tokenizer_workdir=tokenizer_root)
+  monkeypatch.setattr(loop, "make_train_step", real_make_train_step)
+  deadline = time.monotonic() + 60  # the async save of step 2 finishes in the background
+  while _checkpoint_steps(workdir) != [2] and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert _checkpoint_steps(workdir) == [2]
+
+  result = loop.train(tiny_config(), workdir, tokenizer_workdir=tokenizer_root)
+  assert result.steps == N_STEPS and not result.preempted
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6]  # step 3 logged by both runs
+  _assert_same_rows(rows[:3], rows_a, range(1, 4))
+  _assert_same_rows(rows[3:], rows_a, range(3, N_STEPS + 1))
+  for x, y in zip(leaves(result.state), leaves(result_a.state), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
 def _pipeline_at(config, tokenizer_root, data_state):
   """The train() pipeline of `config`, restored to a checkpoint's iterator state."""
   model_config = recipes.llava_config(config.model)
@@ -282,3 +321,38 @@ def test_cli_sigterm_saves_exits_cleanly_and_rerun_resumes(tmp_path, tokenizer_r
         proc.kill()
         proc.wait(timeout=30)
       log.close()
+
+
+# The demo on a shortened schedule (configs/demo.py runs 150 + 600 steps). Only the step counts and the number
+# of held-out questions are overridden; the model, data, learning rates and eval are the demo's own.
+DEMO_STAGE1_STEPS, DEMO_STAGE2_STEPS, DEMO_EVAL_QUESTIONS = 20, 600, 200
+DEMO_MARGIN = 0.10  # held-out accuracy must beat the majority-answer baseline by 10 points
+DEMO_TIMEOUT_S = 1200
+
+
+@pytest.mark.skipif(os.environ.get("LLAVA_JAX_DEMO_TEST") != "1",
+                    reason="3-20 min on a 2-core CPU (600+ steps are needed to learn): set LLAVA_JAX_DEMO_TEST=1")
+def test_demo_learns_on_a_shortened_schedule(tmp_path):
+  """The README's main command (`python -m llava_jax.main --config=configs/demo.py`, one CPU device, no
+  downloads): stage 1 then stage 2 from random init, then greedy answers to held-out generated questions, whose
+  accuracy must clearly beat always answering each question kind's most frequent answer."""
+  workdir = str(tmp_path / "demo")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)  # one device, as the README command runs on a laptop CPU
+  cmd = [sys.executable, "-m", "llava_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+         f"--config.stage1.train.num_steps={DEMO_STAGE1_STEPS}",
+         f"--config.stage2.train.num_steps={DEMO_STAGE2_STEPS}",
+         f"--config.eval.synthetic_samples={DEMO_EVAL_QUESTIONS}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        timeout=DEMO_TIMEOUT_S)
+  out = proc.stdout.decode("utf-8", "replace")
+  assert proc.returncode == 0, out[-3000:]
+  for stage, steps in (("stage1", DEMO_STAGE1_STEPS), ("stage2", DEMO_STAGE2_STEPS)):
+    rows = read_metrics(os.path.join(workdir, stage))
+    assert rows[-1]["step"] == steps and rows[-1]["loss"] < rows[0]["loss"], (stage, rows[0], rows[-1])
+  with open(os.path.join(workdir, "eval_report.json")) as f:
+    report = json.load(f)
+  acc, base = report["accuracy"], report["majority_baseline"]
+  assert acc["n"] == DEMO_EVAL_QUESTIONS and sum(report["skipped"].values()) == 0
+  assert f"accuracy {acc['overall']:.1%}" in out  # printed for the user
+  assert acc["overall"] >= base["overall"] + DEMO_MARGIN, json.dumps(report, indent=1)
