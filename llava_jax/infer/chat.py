@@ -7,7 +7,8 @@ default. Commands:
   /reset        start a new conversation (same image)
   /help, /quit  (EOF or Ctrl-D quits too)
 From a terminal it prompts `USER: ` / `ASSISTANT: `; from a pipe it reads lines until EOF and writes only the
-answers, one line per message (empty when it cannot be answered; notes and errors go to stderr).
+answers, each followed by a newline (an empty line for a message that cannot be answered; notes and errors
+go to stderr).
 """
 from __future__ import annotations
 

@@ -255,7 +255,7 @@ def make_server(model, options: ServerOptions, *, log_level: str = "info"):
   import uvicorn
   app = create_app(model, options)
   config = uvicorn.Config(app, host=options.host, port=options.port, log_level=log_level, access_log=True,
-                          timeout_keep_alive=5, server_header=False)
+                          timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False)
   return uvicorn.Server(config)
 
 
