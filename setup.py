@@ -18,6 +18,8 @@ RUNTIME = [
     "tqdm",
     "tensorboardX",  # TensorBoard event files without TensorFlow
     "matplotlib",    # the loss-curve PNG
+    "fastapi",       # --mode=serve: OpenAI-compatible server and chat page
+    "uvicorn",
 ]
 
 EXTRAS = {
@@ -27,6 +29,7 @@ EXTRAS = {
         "pytest-xdist",
         "torch==2.13.0",
         "scikit-image",
+        "selenium",      # drives the system Chromium for the chat-page test
         # the TFDS source is tested for real: reading needs tensorflow-datasets + array_record,
         # preparing the tiny test data set needs tensorflow-cpu
         "tensorflow-datasets",
@@ -45,6 +48,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    package_data={"llava_jax.infer": ["static/*.html"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require=EXTRAS,
