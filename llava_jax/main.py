@@ -4,6 +4,7 @@ Modes:
   train    train (and resume) in --workdir; the README's main command runs configs/demo.py this way
   eval     evaluate a workdir's latest checkpoint (or --checkpoint) on the config's eval data
   inspect  print samples with the supervised spans marked and write --inspect_out JSON lines
+  plan     per-device memory and step time of the config on --plan.topology, without the hardware
   chat     talk about an image in the terminal (--checkpoint or --workdir, --image); reads a pipe too
   serve    OpenAI-compatible API + chat page on --host:--port (127.0.0.1:8000)
 """
@@ -15,6 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llava_jax.scale.cli import plan_flag_defaults
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
                                           lock_config=False)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "inspect", "chat", "serve", "plan"], "What to run.")
@@ -25,6 +28,8 @@ _INSPECT_LIMIT = flags.DEFINE_integer("inspect_limit", 8, "inspect mode: number 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (auto on TPU pods / SLURM).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_PLAN = config_flags.DEFINE_config_dict("plan", plan_flag_defaults(), "plan mode: --plan.topology=8xA100-80G|"
+                                        "8xH100|v4-32|v5p-64|v5e-256 [--plan.mfu=0.4 --plan.headroom=0.1 ...].")
 # eval with a judge (LLaVA-Bench reviews, the ScienceQA judge ensemble); the API key is read from the environment
 _JUDGE_BASE_URL = flags.DEFINE_string("judge_base_url", None, "eval: the judge's OpenAI-compatible endpoint, e.g. "
                                       "http://127.0.0.1:8001/v1 (default: config.eval.judge.base_url, else "
@@ -114,6 +119,13 @@ def main(argv):
             default_max_tokens=min(_MAX_NEW_TOKENS.value, _MAX_OUTPUT_TOKENS.value),
             default_temperature=_TEMPERATURE.value, default_top_p=_TOP_P.value,
             allow_remote_images=_ALLOW_REMOTE_IMAGES.value, local_image_root=_LOCAL_IMAGE_ROOT.value)))
+  elif mode == "plan":
+    from llava_jax.scale.cli import run_plan
+    try:
+      code = run_plan(config, _PLAN.value, flags.FLAGS["config"].config_filename)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    sys.exit(code)
   else:
     raise app.UsageError(f"--mode={mode} is not available yet")
 

@@ -299,7 +299,10 @@ class _JittedStep:
                            compiler_options=self._compiler_options)
 
   def _prepare(self, state, batch):
-    batch = shd.shard_batch(_select_batch(self._config, batch), self._mesh, micro_batches=self._k)
+    if batch and all(isinstance(x, jax.ShapeDtypeStruct) for x in batch.values()):
+      batch = {k: batch[k] for k in BATCH_KEYS if k in batch}  # abstract global batch (ahead-of-time lowering)
+    else:
+      batch = shd.shard_batch(_select_batch(self._config, batch), self._mesh, micro_batches=self._k)
     if self._jitted is None:
       self._build(state)
     return batch
@@ -310,7 +313,9 @@ class _JittedStep:
       return self._jitted(state, batch)
 
   def lower(self, state: TrainState, batch: Mapping[str, Any]):
-    """`jax.jit(...).lower` on these arguments (for cost analysis / compile-time checks)."""
+    """`jax.jit(...).lower` on these arguments (for cost analysis / compile-time checks). `state` and `batch`
+    may be `jax.ShapeDtypeStruct`s carrying their global shapes and NamedShardings (nothing allocated, e.g.
+    `abstract_train_state` and `llava_jax.scale.memory.abstract_batch`)."""
     batch = self._prepare(state, batch)
     with jax.set_mesh(self._mesh), parallel.axis_rules():
       return self._jitted.lower(state, batch)

@@ -1,0 +1,39 @@
+"""`python -m llava_jax.main --mode=plan --config=configs/<recipe>.py[:arg] --plan.topology=<name> [--plan.*]`."""
+from __future__ import annotations
+
+import ml_collections
+
+from llava_jax.scale.hardware import TOPOLOGIES, get_topology
+
+
+def plan_flag_defaults() -> ml_collections.ConfigDict:
+  """The `--plan.*` flags (an absl config dict)."""
+  return ml_collections.ConfigDict(dict(
+      topology="",        # '8xA100-80G', '8xA100-40G', '8xH100', 'v4-32', 'v5p-64', 'v5e-256', '<n>x<GPU>', 'v5p-<cores>'
+      mfu=0.4,            # model FLOPs utilization assumed for the step time
+      headroom=0.10,      # fraction of each chip's memory kept free
+      backend="cpu",      # 'cpu' (simulated devices) | 'tpu' (libtpu deviceless compile, TPU topologies)
+      explore=False,      # also try remat policies that recompute less, at the fitting setting
+      max_trials=10,      # most candidates compiled
+      mean_tokens=0,      # also project the wall clock at this many tokens per row (0: only padded rows)
+      samples=0,          # data-set size for the wall clock (0: the recipe's published data set)
+  ))
+
+
+def run_plan(config, plan_config, config_path: str, out=print) -> int:
+  """Plan and print. Returns the process exit code: 0 when a candidate fits, 3 when nothing does."""
+  from llava_jax.scale.plan import plan
+  if not plan_config.topology:
+    raise ValueError(f"--mode=plan needs --plan.topology (one of {', '.join(TOPOLOGIES)}, or '<n>x<GPU>' / a "
+                     "Cloud TPU type)")
+  topo = get_topology(plan_config.topology)
+  where = ("libtpu's compiler for " + str(topo.tpu_topology()) if plan_config.backend == "tpu"
+           else f"{topo.num_devices} simulated CPU devices")
+  out(f"planning {config_path} on {topo.name}: compiling the train step on {where} "
+      "(seconds to minutes per candidate)")
+  result = plan(config, topo, recipe=config_path, mfu=float(plan_config.mfu), headroom=float(plan_config.headroom),
+                backend=plan_config.backend, explore=bool(plan_config.explore), max_trials=int(plan_config.max_trials),
+                mean_tokens=int(plan_config.mean_tokens) or None, samples=int(plan_config.samples) or None, log=out)
+  out("")
+  out(result.render())
+  return 0 if result.fits else 3

@@ -1,0 +1,141 @@
+"""Analytical FLOPs of a training step, and the wall clock of a recipe at a given MFU.
+
+XLA's `cost_analysis()` counts the body of a `scan` (our layer stack, micro-batch loop and loss chunks) once,
+so FLOPs are counted here from the architecture. Conventions (as MaxText / PaLM's MFU): a matmul [m, k] × [k, n]
+is 2·m·k·n FLOPs; attention is counted as the full T×T square (no causal discount); the backward pass of a
+trained matmul costs 2× its forward (activation and weight gradients), of a frozen one 1× (activation gradient
+only, needed when something upstream trains), of the weightless attention core 2×. Model FLOPs (for MFU) do
+not include rematerialization; hardware FLOPs add what remat / chunked kernels recompute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from llava_jax.config import LlavaConfig, projector_depth
+
+# Published numbers of the reference recipes (samples as released; wall clock from the LLaVA-1.5 paper / model
+# zoo, PyTorch + DeepSpeed on one 8×A100 node). Keys are configs/ file names.
+DATASETS = {
+    "paper_stage1": ("CC3M-595K (LLaVA filtered)", 595_375),
+    "paper_stage2": ("LLaVA-Instruct-158K", 157_712),
+    "scienceqa": ("ScienceQA train", 12_726),
+    "v15_stage1": ("LCS-558K (blip_laion_cc_sbu_558k)", 558_128),
+    "v15_stage2": ("llava_v1_5_mix665k", 665_298),
+}
+PUBLISHED_HOURS = {  # (config name, size) → hours on 8×A100
+    ("v15_stage1", "7b"): 3.5, ("v15_stage2", "7b"): 10.0,
+    ("v15_stage1", "13b"): 5.5, ("v15_stage2", "13b"): 20.0,
+    ("paper_stage1", "13b"): 4.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFlops:
+  """Forward FLOPs per token of one decoder layer, split by kind: [projections, mlp, attention core]."""
+  qkv: float       # q, k, v projections
+  out: float       # o projection
+  mlp: float       # gate, up, down
+  attn: float      # scores + probabilities × values (weightless)
+
+  @property
+  def total(self) -> float:
+    return self.qkv + self.out + self.mlp + self.attn
+
+
+def decoder_layer_flops(config: LlavaConfig, seq_len: int) -> LayerFlops:
+  t = config.text
+  hd = t.resolved_head_dim
+  return LayerFlops(qkv=2.0 * t.hidden_size * hd * (t.num_attention_heads + 2 * t.num_key_value_heads),
+                    out=2.0 * t.hidden_size * hd * t.num_attention_heads,
+                    mlp=2.0 * 3 * t.hidden_size * t.intermediate_size,
+                    attn=2.0 * 2 * seq_len * t.num_attention_heads * hd)
+
+
+def head_flops(config: LlavaConfig) -> float:
+  """LM head forward FLOPs per token."""
+  return 2.0 * config.text.hidden_size * config.text.vocab_size
+
+
+def vision_flops_per_image(config: LlavaConfig) -> float:
+  """CLIP forward FLOPs per image (patch embedding + every layer; the tower is frozen: forward only)."""
+  v = config.vision
+  tokens = v.num_positions
+  patch = 2.0 * v.num_patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
+  per_token = 2.0 * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+  attn = 2.0 * 2 * tokens * v.hidden_size
+  return patch + v.num_hidden_layers * tokens * (per_token + attn)
+
+
+def projector_flops_per_token(config: LlavaConfig) -> float:
+  """Projector forward FLOPs per image token."""
+  depth = projector_depth(config.projector_type)
+  return 2.0 * config.projector_in_features * config.text.hidden_size + (depth - 1) * 2.0 * config.text.hidden_size ** 2
+
+
+def recompute_layer_flops(layer: LayerFlops, remat_policy: str, attention_impl: str) -> float:
+  """Forward FLOPs per token and layer that the backward pass recomputes.
+
+  'full' recomputes the layer; 'save_attn_out' all but the o projection; 'dots_no_batch' the batched matmuls
+  (the attention core); 'dots' / 'none' nothing. A 'chunked' attention kernel recomputes its core once more
+  (per-block checkpoint); cudnn's flash kernel also recomputes scores in its backward.
+  """
+  extra = {"full": layer.total, "save_attn_out": layer.total - layer.out, "dots_no_batch": layer.attn,
+           "dots": 0.0, "none": 0.0}[remat_policy]
+  if attention_impl in ("chunked", "cudnn"):
+    extra += layer.attn
+  return extra
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """FLOPs of one training step over the global batch."""
+  model: float            # useful FLOPs (MFU numerator)
+  hardware: float         # model + recomputation
+  tokens: int             # tokens processed (global batch × sequence length)
+  images: int
+
+  @property
+  def recompute_factor(self) -> float:
+    return self.hardware / self.model if self.model else 1.0
+
+
+def step_flops(config: LlavaConfig, *, global_batch: int, seq_len: int, images: int, decoder_trainable: bool,
+               projector_trainable: bool, remat_policy: Optional[str] = None, attention_impl: Optional[str] = None,
+               chunked_loss: bool = False) -> StepFlops:
+  """FLOPs of a step on `global_batch` rows of `seq_len` tokens holding `images` images (see module doc)."""
+  rt = config.runtime
+  remat_policy = remat_policy or rt.remat_policy
+  attention_impl = attention_impl or rt.attention_impl
+  tokens = int(global_batch) * int(seq_len)
+  layer = decoder_layer_flops(config, seq_len)
+  n_layers = config.text.num_hidden_layers
+  weights = layer.qkv + layer.out + layer.mlp
+  upstream = decoder_trainable or projector_trainable
+  linear_mult = 3.0 if decoder_trainable else (2.0 if upstream else 1.0)
+  attn_mult = 3.0 if upstream else 1.0
+  decoder = tokens * n_layers * (linear_mult * weights + attn_mult * layer.attn)
+  head = tokens * head_flops(config) * (3.0 if decoder_trainable else (2.0 if upstream else 1.0))
+  image_tokens = images * config.num_image_tokens
+  projector = image_tokens * projector_flops_per_token(config) * (3.0 if projector_trainable else 1.0)
+  vision = images * vision_flops_per_image(config)
+  model = decoder + head + projector + vision
+  recompute = tokens * n_layers * recompute_layer_flops(layer, remat_policy, attention_impl) if upstream else 0.0
+  if chunked_loss and upstream:
+    recompute += tokens * head_flops(config)
+  return StepFlops(model=model, hardware=model + recompute, tokens=tokens, images=int(images))
+
+
+def total_steps(samples: int, global_batch: int, epochs: float, num_steps: int = -1) -> int:
+  """Optimizer steps of a run (train.num_steps when > 0, else ceil(epochs × samples / global batch))."""
+  if num_steps and num_steps > 0:
+    return int(num_steps)
+  return max(1, math.ceil(float(epochs) * int(samples) / int(global_batch)))
+
+
+def step_seconds(flops: StepFlops, peak_flops_total: float, mfu: float) -> float:
+  """Seconds per step when the useful (model) FLOPs run at `mfu` of the devices' combined peak."""
+  if not 0 < mfu <= 1:
+    raise ValueError(f"mfu={mfu} must be in (0, 1]")
+  return flops.model / (peak_flops_total * mfu)

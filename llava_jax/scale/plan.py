@@ -1,0 +1,331 @@
+"""The memory / throughput plan: which way of running a recipe fits a topology, and how long it takes.
+
+`plan(config, '8xA100-80G')` compiles the recipe's real training step for the topology's mesh with abstract
+inputs (no weights; `llava_jax.scale.memory`), reads per-device memory, and searches a short, ordered list
+of candidates — the recipe as configured, then one memory saver at a time:
+  1. attention kernel → 'cudnn' on GPU (flash; measured as 'chunked' on simulated devices) / 'chunked' on TPU
+  2. chunked vocabulary loss (no [B, T, V] float32 logits)
+  3. remat policy → 'full' (save only each layer's input)
+  4. micro-batches ×2, ×4, ... (gradient accumulation) down to one row per device per micro-batch
+stopping at the first that fits in (1 - headroom) × the chip's memory. With `explore`, policies that
+recompute less ('dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are analytical
+(`llava_jax.scale.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
+steps × step time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable, List, Optional, Sequence, Union
+
+from llava_jax.scale import flops as flops_lib
+from llava_jax.scale.hardware import GIB, Topology, get_topology
+from llava_jax.scale.memory import Candidate, MeasureProcess, MemoryReport, measure
+
+DEFAULT_MFU = 0.4
+DEFAULT_HEADROOM = 0.10
+LOSS_CHUNK = 512
+
+
+@dataclasses.dataclass
+class Trial:
+  candidate: Candidate
+  memory: MemoryReport
+  fits: bool
+  flops: flops_lib.StepFlops
+  step_seconds: float
+
+
+@dataclasses.dataclass
+class Plan:
+  recipe: str
+  topology: Topology
+  backend: str
+  headroom: float
+  mfu: float
+  global_batch: int
+  seq_len: int
+  images: int
+  rows_per_device: int
+  trainable_params: int
+  frozen_params: int
+  trials: List[Trial]
+  chosen: Optional[Trial]
+  steps: Optional[int] = None
+  samples: Optional[int] = None
+  dataset: str = ""
+  mean_tokens: Optional[int] = None
+  published_hours: Optional[float] = None
+  problem: str = ""
+  flops_fn: Optional[Callable] = dataclasses.field(default=None, repr=False)
+
+  @property
+  def budget_bytes(self) -> float:
+    return self.topology.chip.memory_bytes * (1.0 - self.headroom)
+
+  @property
+  def fits(self) -> bool:
+    return self.chosen is not None
+
+  def wall_clock_hours(self, seq_len: Optional[int] = None) -> Optional[float]:
+    """Projected hours of the whole run for the chosen candidate (rows of `seq_len` tokens, default max)."""
+    if self.chosen is None or not self.steps:
+      return None
+    t = seq_len or self.seq_len
+    f = self._flops(self.chosen.candidate, t)
+    return self.steps * flops_lib.step_seconds(f, self.topology.peak_flops, self.mfu) / 3600.0
+
+  def _flops(self, c: Candidate, seq_len: int) -> flops_lib.StepFlops:
+    return self.flops_fn(c, seq_len)
+
+  def render(self) -> str:
+    return render(self)
+
+
+def _gib(x: float) -> str:
+  return f"{x / GIB:.1f}" if x >= 10 * GIB else f"{x / GIB:.2f}"
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.3g} s"
+  if seconds < 7200:
+    return f"{seconds / 60:.1f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+def resolve_mesh(mesh, num_devices: int, global_batch: int, num_heads: int, num_kv_heads: int) -> tuple:
+  """config.mesh (one entry may be -1) → a concrete (data, fsdp, tensor) for `num_devices`; when the global batch
+  does not split over data × fsdp, the tensor axis grows (powers of two dividing the kv heads) until it does."""
+  d, f, t = (int(x) for x in mesh)
+  def fill(d, f, t):
+    known = [x for x in (d, f, t) if x != -1]
+    prod = math.prod(known)
+    if (d, f, t).count(-1) == 1 and prod and num_devices % prod == 0:
+      rest = num_devices // prod
+      return tuple(rest if x == -1 else x for x in (d, f, t))
+    return (d, f, t) if prod == num_devices and -1 not in (d, f, t) else None
+  out = fill(d, f, t)
+  if out is None:  # the recipe's mesh does not fit this device count: FSDP over everything
+    out = (1, num_devices, 1)
+  d, f, t = out
+  while global_batch % (d * f) and f % 2 == 0 and num_kv_heads % (t * 2) == 0 and num_heads % (t * 2) == 0:
+    f //= 2
+    t *= 2
+  return (d, f, t)
+
+
+def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str, rows_per_device: int) -> List[Candidate]:
+  out = [base]
+  cur = base
+  fast_attention = "cudnn" if topology.platform == "gpu" and compute_dtype in ("bfloat16", "float16") else "chunked"
+  if cur.attention_impl not in ("chunked", "cudnn"):
+    cur = dataclasses.replace(cur, attention_impl=fast_attention)
+    out.append(cur)
+  if not cur.chunked_loss:
+    cur = dataclasses.replace(cur, chunked_loss=LOSS_CHUNK)
+    out.append(cur)
+  if cur.remat_policy != "full":
+    cur = dataclasses.replace(cur, remat_policy="full")
+    out.append(cur)
+  k = cur.micro_batches
+  while rows_per_device % (k * 2) == 0:
+    k *= 2
+    out.append(dataclasses.replace(cur, micro_batches=k))
+  return out
+
+
+def _count(tree) -> int:
+  import jax
+  import numpy as np
+  return int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree)))
+
+
+def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float = DEFAULT_MFU,
+         headroom: float = DEFAULT_HEADROOM, backend: str = "cpu", explore: bool = False, max_trials: int = 10,
+         mean_tokens: Optional[int] = None, samples: Optional[int] = None, devices: Optional[Sequence] = None,
+         log: Optional[Callable[[str], None]] = None) -> Plan:
+  """Plan `config` (a recipe ConfigDict: model, train, data, mesh sections) on `topology` (name or Topology).
+
+  recipe: the config's name ('v15_stage2:7b') for the report and the published-numbers lookup. backend 'cpu'
+  compiles on simulated CPU devices, 'tpu' with libtpu's deviceless compiler (TPU topologies only). devices: use
+  these (already present) devices instead of a child process (e.g. a test session's 8 CPU devices). samples:
+  data-set size for the wall clock (default: the recipe's published data set, or data.synthetic_samples).
+  mean_tokens: also project the wall clock at this many tokens per row (default: rows padded to max_length).
+  log: called with a line per measured candidate (progress).
+  """
+  import jax
+  from llava_jax import recipes
+  from llava_jax.models.llava import init_params
+  from llava_jax.train.state import split_params
+
+  topo = get_topology(topology) if isinstance(topology, str) else topology
+  if not 0 <= headroom < 1:
+    raise ValueError(f"headroom={headroom} must be in [0, 1)")
+  if not 0 < mfu <= 1:
+    raise ValueError(f"mfu={mfu} must be in (0, 1]")
+  if backend not in ("cpu", "tpu"):
+    raise ValueError(f"backend={backend!r}: 'cpu' (simulated devices) or 'tpu' (libtpu deviceless compile)")
+  tpu_topology = None
+  if backend == "tpu":
+    tpu_topology = topo.tpu_topology()
+    if tpu_topology is None:
+      raise ValueError(f"backend='tpu' needs a TPU topology with a known libtpu shape, not {topo.name!r}")
+  model_config = recipes.llava_config(config.model)
+  tcfg = config.train
+  n = topo.num_devices
+  gb = int(tcfg.global_batch_size)
+  seq_len = int(config.data.max_length)
+  images_per_row = int(config.data.get("max_images_per_sample", 1))
+  images = gb * images_per_row
+  t = model_config.text
+  mesh = resolve_mesh(tuple(config.mesh), n, gb, t.num_attention_heads, t.num_key_value_heads)
+  shards = mesh[0] * mesh[1]
+  freeze = tcfg.get("freeze", r"vision_tower/.*") or None
+  shapes = jax.eval_shape(lambda r: init_params(model_config, r), jax.random.PRNGKey(0))
+  trainable, frozen = split_params(shapes, tcfg.trainable, freeze)
+  decoder_trainable = bool(trainable.get("language_model"))
+  projector_trainable = bool(trainable.get("multi_modal_projector"))
+
+  def flops_fn(c: Candidate, length: int) -> flops_lib.StepFlops:
+    return flops_lib.step_flops(model_config.with_runtime(remat_policy=c.remat_policy, attention_impl=c.attention_impl),
+                                global_batch=gb, seq_len=length, images=images,
+                                decoder_trainable=decoder_trainable, projector_trainable=projector_trainable,
+                                chunked_loss=bool(c.chunked_loss))
+
+  path, _, size = recipe.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  dataset, n_samples = flops_lib.DATASETS.get(name, ("", None))
+  if not n_samples and config.data.get("source") == "synthetic":
+    dataset, n_samples = "synthetic", int(config.data.get("synthetic_samples", 0)) or None
+  n_samples = samples or n_samples
+  steps = (flops_lib.total_steps(n_samples, gb, float(tcfg.num_epochs), int(tcfg.num_steps))
+           if (n_samples or int(tcfg.num_steps) > 0) else None)
+  result = Plan(recipe=recipe, topology=topo, backend=backend, headroom=headroom, mfu=mfu, global_batch=gb,
+                seq_len=seq_len, images=images, rows_per_device=gb // shards if gb % shards == 0 else 0,
+                trainable_params=_count(trainable), frozen_params=_count(frozen), trials=[], chosen=None,
+                steps=steps, samples=n_samples, dataset=dataset, mean_tokens=mean_tokens,
+                published_hours=flops_lib.PUBLISHED_HOURS.get((name, size or "7b")) if "A100" in topo.name else None,
+                flops_fn=flops_fn)
+  if gb % shards:
+    result.problem = (f"global batch {gb} cannot be split over data×fsdp = {shards} devices of mesh {mesh}: set "
+                      f"--config.train.global_batch_size to a multiple of {shards}")
+    return result
+
+  rt = model_config.runtime
+  loss = tcfg.chunked_loss
+  base = Candidate(mesh=mesh, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
+                   micro_batches=int(tcfg.micro_batches),
+                   chunked_loss=LOSS_CHUNK if loss is True else int(loss or 0), param_dtype=rt.param_dtype)
+  queue = _saver_sequence(base, topo, rt.dtype, result.rows_per_device)[:max_trials]
+  budget = result.budget_bytes
+
+  worker = None
+  if devices is None:
+    worker = MeasureProcess(config, n, backend=backend, tpu_topology=tpu_topology, seq_len=seq_len,
+                            total_steps=steps or 1000)
+  run = (lambda c: worker.measure(c)) if worker is not None else (
+      lambda c: measure(config, c, list(devices)[:n], seq_len=seq_len, total_steps=steps or 1000))
+
+  def attempt(c: Candidate) -> Trial:
+    report = run(c)
+    fits = report.error is None and report.total <= budget
+    f = flops_fn(c, seq_len)
+    trial = Trial(c, report, fits, f, flops_lib.step_seconds(f, topo.peak_flops, mfu))
+    result.trials.append(trial)
+    if log is not None:
+      status = "error: " + report.error if report.error else (
+          f"{_gib(report.total)} GiB per device, {'fits' if fits else 'does not fit'}")
+      log(f"  [{len(result.trials)}] {c.label()}: {status} ({report.compile_seconds:.0f} s)")
+    return trial
+
+  try:
+    for c in queue:
+      trial = attempt(c)
+      if trial.fits:
+        result.chosen = trial
+        break
+    if explore and result.chosen is not None:
+      for policy in ("dots_no_batch", "dots"):
+        c = dataclasses.replace(result.chosen.candidate, remat_policy=policy)
+        if c.remat_policy != result.chosen.candidate.remat_policy:
+          trial = attempt(c)
+          if trial.fits and trial.flops.hardware < result.chosen.flops.hardware:
+            result.chosen = trial
+  finally:
+    if worker is not None:
+      worker.close()
+  return result
+
+
+def render(p: Plan) -> str:
+  """The plan as text for the terminal."""
+  topo, chip = p.topology, p.topology.chip
+  lines = [f"Plan for {p.recipe or 'the config'} on {topo.name}: {topo.num_devices} × {chip.name} "
+           f"({_gib(chip.memory_bytes)} GiB, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each), {topo.num_hosts} "
+           f"host{'s' if topo.num_hosts > 1 else ''}",
+           f"  step: global batch {p.global_batch} rows × {p.seq_len} tokens, {p.images} image slots; "
+           f"{p.rows_per_device} rows per device; trainable {p.trainable_params / 1e9:.2f} B params, frozen "
+           f"{p.frozen_params / 1e9:.2f} B",
+           f"  memory budget per device: {_gib(p.budget_bytes)} GiB ({_gib(chip.memory_bytes)} GiB − "
+           f"{p.headroom:.0%} headroom); compiled on "
+           + ("simulated CPU devices (XLA:CPU buffer assignment; see docs/scaling.md)" if p.backend == "cpu"
+              else "libtpu's TPU compiler (deviceless)")]
+  if p.problem:
+    lines.append(f"  PROBLEM: {p.problem}")
+    return "\n".join(lines)
+  lines.append("")
+  header = f"  {'#':>2}  {'candidate':<94} {'params':>6} {'opt':>6} {'temp':>6} {'total':>6}  fits  recompute"
+  lines += [header + "   (GiB per device)", "  " + "-" * (len(header) - 2)]
+  for i, tr in enumerate(p.trials, 1):
+    m = tr.memory
+    if m.error:
+      lines.append(f"  {i:>2}  {tr.candidate.label():<94} error: {m.error}")
+      continue
+    mark = "<-" if tr is p.chosen else ""
+    lines.append(f"  {i:>2}  {tr.candidate.label():<94} {_gib(m.params + m.frozen):>6} {_gib(m.optimizer):>6} "
+                 f"{_gib(m.temporaries):>6} {_gib(m.total):>6}  {'yes' if tr.fits else 'NO':<4}  "
+                 f"×{tr.flops.recompute_factor:.2f} {mark}")
+  lines.append("")
+  if p.chosen is None:
+    best = min((tr for tr in p.trials if not tr.memory.error), key=lambda tr: tr.memory.total, default=None)
+    lines.append("  NOTHING FITS on this topology.")
+    if best is not None:
+      m = best.memory
+      state = m.params + m.frozen + m.optimizer
+      lines.append(f"  The smallest measured needs {_gib(m.total)} GiB per device (budget {_gib(p.budget_bytes)}); "
+                   f"parameters + optimizer state alone are {_gib(state)} GiB.")
+      if state > p.budget_bytes:
+        lines.append("  The state itself does not fit: use more devices (FSDP shards it over all of them) or "
+                     "chips with more memory.")
+      else:
+        lines.append("  Use more devices or chips with more memory, or a shorter data.max_length.")
+    return "\n".join(lines)
+  c, m = p.chosen.candidate, p.chosen.memory
+  free = 1.0 - m.total / chip.memory_bytes
+  lines.append(f"  FITS: {c.label()}")
+  lines.append(f"  {_gib(m.total)} GiB per device, {free:.0%} of {_gib(chip.memory_bytes)} GiB free.")
+  if c.attention_impl == "cudnn" and m.compiled_attention != "cudnn":
+    lines.append("  (attention measured with the 'chunked' kernel; cudnn flash attention needs no more memory)")
+  lines.append("  Run it with:")
+  lines.append(f"    python -m llava_jax.main --config={p.recipe or 'configs/<recipe>.py'} \\\n      "
+               + " \\\n      ".join(c.overrides()))
+  if topo.platform == "gpu":
+    lines.append("    (on GPU set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95: JAX preallocates 75 % of the memory by "
+                 "default; launch/slurm_gpu.sbatch does)")
+  f = p.chosen.flops
+  lines.append("")
+  lines.append(f"  FLOPs per step (analytic): {f.model:.3g} model, {f.hardware:.3g} with recomputation "
+               f"(×{f.recompute_factor:.2f}); at MFU {p.mfu:.0%} of {topo.peak_flops / 1e15:.2f} PFLOP/s: "
+               f"{_duration(p.chosen.step_seconds)} per step, "
+               f"{f.tokens / p.chosen.step_seconds:,.0f} tokens/s")
+  if p.steps:
+    what = f"{p.dataset}, {p.samples:,} samples" if p.samples else "train.num_steps"
+    lines.append(f"  Recipe: {what} → {p.steps:,} steps → {_duration(p.wall_clock_hours() * 3600)} with every row "
+                 f"padded to {p.seq_len} tokens (upper bound)")
+    if p.mean_tokens:
+      lines.append(f"          {_duration(p.wall_clock_hours(p.mean_tokens) * 3600)} at {p.mean_tokens} tokens per row")
+    if p.published_hours:
+      lines.append(f"          published (PyTorch + DeepSpeed, 8×A100): ≈{p.published_hours:g} h")
+  return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""The memory / throughput plan: topologies, analytic FLOPs, the ahead-of-time compile of the real 7B stage-2
+step on 8 simulated devices, 'nothing fits', and `--mode=plan` on the command line."""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from llava_jax import recipes
+from llava_jax.scale import Chip, Topology, get_topology, plan
+from llava_jax.scale import flops as flops_lib
+from llava_jax.scale.hardware import GIB
+from llava_jax.scale.plan import resolve_mesh
+from llava_jax.train import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def test_topologies():
+  t = get_topology("8xA100-80G")
+  assert (t.num_devices, t.num_hosts, t.chip.memory_bytes, t.chip.peak_flops) == (8, 1, 80 * GIB, 312e12)
+  assert get_topology("8xa100-40g").chip.memory_bytes == 40 * GIB
+  assert get_topology("16xH100").num_hosts == 2
+  # Cloud TPU types: v4 / v5p count TensorCores (2 per chip = one JAX device), v5e counts chips
+  v4, v5p, v5e = get_topology("v4-32"), get_topology("v5p-64"), get_topology("v5e-256")
+  assert (v4.num_devices, v4.num_hosts, v4.tpu_topology()) == (16, 4, "v4:2x2x4")
+  assert (v5p.num_devices, v5p.num_hosts, v5p.tpu_topology()) == (32, 8, "v5p:2x4x4")
+  assert (v5e.num_devices, v5e.num_hosts, v5e.tpu_topology()) == (256, 32, "v5e:16x16")
+  assert v5e.peak_flops == 256 * 197e12
+  for bad in ("8xV100", "v4-33", "tpu", "0xH100"):
+    with pytest.raises(ValueError, match="topology"):
+      get_topology(bad)
+
+
+def test_mesh_resolution():
+  assert resolve_mesh((1, -1, 1), 8, 128, 32, 32) == (1, 8, 1)
+  assert resolve_mesh((-1, 1, 1), 8, 128, 32, 32) == (8, 1, 1)
+  # 256 chips, global batch 128: the batch splits 128 ways, the rest goes to tensor parallelism
+  assert resolve_mesh((1, -1, 1), 256, 128, 32, 32) == (1, 128, 2)
+  # a recipe mesh for another device count falls back to FSDP over everything
+  assert resolve_mesh((2, 2, 2), 16, 128, 32, 32) == (1, 16, 1)
+
+
+def test_step_flops_against_hand_count_and_training_metric():
+  cfg = recipes.llava_config(load_config("v15_stage2", "7b").model)
+  t = cfg.text
+  d, f, layers, v, seq = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size, 2048
+  tokens = 128 * seq
+  matmul_params = layers * (4 * d * d + 3 * d * f) + d * v  # q, k, v, o, gate, up, down, lm_head
+  want = tokens * (6 * matmul_params + 3 * layers * 4 * seq * d)  # 6N plus attention scores and values
+  got = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=True,
+                             projector_trainable=True, remat_policy="none", attention_impl="xla")
+  assert got.model == pytest.approx(want, rel=1e-12)
+  assert got.model / tokens == pytest.approx(metrics_lib.train_flops_per_token(cfg, seq), rel=1e-12)
+  # full remat recomputes each layer's forward once
+  full = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=True,
+                              projector_trainable=True, remat_policy="full", attention_impl="xla")
+  assert full.hardware - full.model == pytest.approx(tokens * layers * (2 * (4 * d * d + 3 * d * f) + 4 * seq * d))
+  # frozen decoder (stage 1): no weight gradients for its matmuls
+  frozen = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=False,
+                                projector_trainable=True, remat_policy="none", attention_impl="xla")
+  assert frozen.model == pytest.approx(tokens * (4 * matmul_params + 3 * layers * 4 * seq * d), rel=1e-12)
+  # one CLIP ViT-L/14-336 image: ~2 · 0.3 B params · 577 tokens forward
+  assert flops_lib.vision_flops_per_image(cfg) == pytest.approx(2 * 0.303e9 * 577, rel=0.15)
+
+
+def test_plan_7b_stage2_on_8xa100_80g():
+  """The reference's set-up (per-device 16 × 2048, 8 × 80 GB) fits with ≥ 10 % headroom, measured on the real step."""
+  config = load_config("v15_stage2", "7b")
+  p = plan(config, "8xA100-80G", recipe="configs/v15_stage2.py:7b", devices=jax.devices()[:8])
+  assert p.fits and p.chosen is not None, p.render()
+  m = p.chosen.memory
+  assert m.error is None
+  assert m.total <= 0.9 * 80 * GIB
+  # 7B stage 2 trains the LLM + projector: params float32 sharded 8 ways (norm scales replicated)
+  t = recipes.llava_config(config.model).text
+  d, f, layers, v = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size
+  projector = 1024 * d + d + d * d + d
+  trainable = 2 * v * d + layers * (4 * d * d + 3 * d * f + 2 * d) + d + projector
+  assert p.trainable_params == trainable
+  assert m.params == pytest.approx(4 * trainable / 8, rel=2e-3)
+  assert m.optimizer == pytest.approx(2 * m.params, rel=1e-3)  # AdamW mu and nu
+  # the compiler's argument bytes are exactly the state and batch as sharded
+  assert abs(m.arguments - (m.params + m.frozen + m.optimizer + m.batch)) < 1 << 20
+  assert m.outputs - m.aliased < 1 << 20  # the new state reuses the donated buffers
+  assert 10 * GIB < m.temporaries < m.total
+  # throughput: analytic FLOPs, step time at MFU 40 %, the recipe's steps
+  assert p.steps == math.ceil(665_298 / 128)
+  assert p.chosen.step_seconds == pytest.approx(p.chosen.flops.model / (8 * 312e12 * 0.4))
+  assert p.wall_clock_hours() == pytest.approx(p.steps * p.chosen.step_seconds / 3600)
+  text = p.render()
+  assert "FITS" in text and "--config.train.micro_batches=1" in text and "published" in text
+
+
+def test_nothing_fits_is_said_clearly():
+  config = load_config("tiny")
+  toy = Topology("8xtoy", Chip("toy", "gpu", 1e12, 64 * 1024, "a test chip"), 8, 1)
+  p = plan(config, toy, recipe="configs/tiny.py", devices=jax.devices()[:8])
+  assert not p.fits and p.chosen is None
+  labels = [tr.candidate.label() for tr in p.trials]
+  # every memory saver was tried, one at a time: the recipe, chunked attention, chunked loss, full remat
+  assert len(labels) == len(set(labels)) == 4
+  assert [tr.candidate.attention_impl for tr in p.trials] == ["xla", "chunked", "chunked", "chunked"]
+  assert p.trials[-1].candidate.remat_policy == "full" and p.trials[-1].candidate.chunked_loss
+  assert all(tr.memory.error is None and tr.memory.total > 64 * 1024 for tr in p.trials)
+  text = p.render()
+  assert "NOTHING FITS" in text and "parameters + optimizer state" in text
+
+
+def test_unsplittable_batch_is_a_problem_not_a_crash():
+  config = load_config("tiny")
+  config.train.global_batch_size = 6
+  p = plan(config, "8xA100-80G", recipe="configs/tiny.py", devices=jax.devices()[:8])
+  assert not p.fits and not p.trials
+  assert "global batch 6" in p.problem and "multiple of" in p.problem
+  assert "PROBLEM" in p.render()
+
+
+def test_cli_plan_mode():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the plan's child process sets its own device count
+  cmd = [sys.executable, "-m", "llava_jax.main", "--mode=plan", "--config=configs/tiny.py",
+         "--plan.topology=8xA100-40G", "--plan.mfu=0.5"]
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "on 8xA100-40G" in out.stdout and "FITS" in out.stdout and "MFU 50%" in out.stdout
+  bad = subprocess.run(cmd[:-2], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "--plan.topology" in bad.stderr
