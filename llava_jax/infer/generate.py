@@ -42,6 +42,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import conversation as conv_lib
 from llava_jax.data.tokenize import encode_segments
 from llava_jax.infer import sampling
+from llava_jax.infer.streaming import byte_token_ids, stable_text
 from llava_jax.models.llama import KVCache, constrain_kv_cache, init_kv_cache
 from llava_jax.models.llava import LlavaModel, logical_partition_specs
 
@@ -257,7 +258,7 @@ class _Row:
     new_tokens = tuple(self.tokens[self.sent_tokens:])
     text = None
     if self.tokenizer is not None:
-      visible = self.text if self.reason is not None else self._streamable(self.text)
+      visible = self.text if self.reason is not None else self._streamable()
       text = ""
       if len(visible) > len(self.sent_text) and visible.startswith(self.sent_text):
         text = visible[len(self.sent_text):]
@@ -271,19 +272,10 @@ class _Row:
     self.sent_tokens, self.closed = len(self.tokens), finished
     return StreamEvent(self.index, new_tokens, text, self.reason)
 
-  def _streamable(self, text: str) -> str:
-    """Text safe to show while running: no trailing partial character, no suffix that may begin a stop."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-      end -= 1
-    text = text[:end]
-    hold = 0
-    for s in self.stop_strings:
-      for n in range(min(len(s) - 1, len(text)), hold, -1):
-        if text.endswith(s[:n]):
-          hold = n
-          break
-    return text[:len(text) - hold]
+  def _streamable(self) -> str:
+    """Text safe to show while running (see infer/streaming.stable_text): never taken back later."""
+    return stable_text(self.tokenizer, self._answer_ids(self.tokens), self.stop_strings,
+                       byte_token_ids(self.tokenizer), strip=False)
 
 
 def _encode_prompt(text: str, tokenizer, config: LlavaConfig) -> np.ndarray:

@@ -29,6 +29,29 @@ def byte_token_ids(tokenizer) -> frozenset:
   return _byte_ids_cache[key]
 
 
+def stable_text(tokenizer, answer_ids: Sequence[int], stop_strings: Sequence[str], byte_ids: frozenset, *,
+                strip: bool) -> str:
+  """The part of the decoded answer that later tokens cannot change: stops before a trailing run of byte
+  tokens, trailing U+FFFD, trailing whitespace (when `strip`, leading whitespace is removed too) and any
+  suffix that could begin a stop string."""
+  ids = list(answer_ids)
+  end = len(ids)
+  while end and ids[end - 1] in byte_ids:  # a byte run decodes as a whole: wait until it ends
+    end -= 1
+  text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+  if strip:
+    text = text.lstrip()
+  while text and (text[-1] == "\ufffd" or (strip and text[-1].isspace())):  # an incomplete character;
+    text = text[:-1]                                                          # whitespace may merge
+  hold = 0
+  for s in stop_strings:
+    for n in range(min(len(s) - 1, len(text)), hold, -1):
+      if text.endswith(s[:n]):
+        hold = n
+        break
+  return text[:len(text) - hold]
+
+
 class AnswerStream:
   """One answer. tokenizer: a transformers tokenizer; stop_ids: token ids that end the answer (kept in
   `tokens`, not in the text); stop_strings: texts that end it (the tokens up to the one completing the first
@@ -101,20 +124,8 @@ class AnswerStream:
     return self._take(self._decode(self._answer_ids(self.tokens)).lstrip(), final=True)
 
   def _stable_text(self) -> str:
-    ids = self._answer_ids(self.tokens)
-    end = len(ids)
-    while end and ids[end - 1] in self.byte_ids:  # a byte run decodes as a whole: wait until it ends
-      end -= 1
-    text = self._decode(ids[:end]).lstrip()
-    while text and (text[-1] == "\ufffd" or text[-1].isspace()):  # an incomplete character; whitespace may
-      text = text[:-1]                                              # merge with what follows
-    hold = 0
-    for s in self.stop_strings:
-      for n in range(min(len(s) - 1, len(text)), hold, -1):
-        if text.endswith(s[:n]):
-          hold = n
-          break
-    return text[:len(text) - hold]
+    return stable_text(self.tokenizer, self._answer_ids(self.tokens), self.stop_strings, self.byte_ids,
+                       strip=True)
 
   def _take(self, visible: str, final: bool) -> str:
     if visible.startswith(self.sent):
