@@ -1,0 +1,182 @@
+"""launch/: the scripts are shellcheck-clean, reject bad arguments with a usage error, and in --dry-run print
+exactly the commands they would run (gcloud for TPU pods, srun for SLURM, N local processes)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch")
+SCRIPTS = ("tpu_pod.sh", "slurm_gpu.sbatch", "local_multiprocess.sh")
+MAIN = "--config=configs/v15_stage2.py:7b"
+
+
+def sh(script, *args, env=None):
+  run_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  run_env.update(env or {})
+  return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=REPO, env=run_env, capture_output=True,
+                        text=True, timeout=60)
+
+
+def commands(out):
+  """The '+ '-prefixed command lines of a dry run."""
+  return [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shellcheck_clean(script):
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed (apt-get install shellcheck); CI installs it")
+  out = subprocess.run(["shellcheck", "--shell=bash", os.path.join(LAUNCH, script)], capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+  out = sh(script, "--help")
+  assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TPU pod
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "usage:"),
+    (("launch-it",), "unknown command 'launch-it'"),
+    (("create", "--zone", "us-east5-a", "--type", "v5p-64"), "--name is required"),
+    (("create", "--name", "x", "--type", "v5p-64"), "--zone is required"),
+    (("create", "--name", "x", "--zone", "z"), "create needs --type"),
+    (("create", "--name", "x", "--zone", "z", "--type", "a100"), "not an accelerator type"),
+    (("create", "--name", "x", "--zone", "z", "--type", "v9-8"), "no default --version"),
+    (("run", "--name", "x", "--zone", "z"), "run needs the arguments of llava_jax.main"),
+    (("logs", "--name", "x", "--zone", "z", "--worker", "first"), "--worker must be"),
+    (("stop", "--name", "x", "--zone", "z", "--bogus"), "unknown option '--bogus'"),
+    (("stop", "--name"), "--name needs a value"),
+    (("run", "--name", "x", "--zone", "z", "--env", "no-equals", "--", MAIN), "--env wants KEY=VALUE"),
+])
+def test_tpu_pod_usage_errors(args, message):
+  out = sh("tpu_pod.sh", *args, "--dry-run") if args else sh("tpu_pod.sh")
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert message in out.stderr
+  assert not commands(out)  # nothing would have run
+
+
+def test_tpu_pod_up_dry_run_prints_every_step():
+  out = sh("tpu_pod.sh", "up", "--name", "llava", "--zone", "us-east5-a", "--type", "v5p-64", "--project", "proj",
+           "--spot", "--env", "WANDB_MODE=offline", "--dry-run", "--", MAIN, "--workdir=gs://bucket/run 1")
+  assert out.returncode == 0, out.stderr
+  cmds = commands(out)
+  where = "--zone=us-east5-a --project=proj"
+  assert cmds[0] == f"gcloud compute tpus tpu-vm describe llava {where} '--format=value(state)'"
+  assert cmds[1] == (f"gcloud compute tpus tpu-vm create llava {where} --accelerator-type=v5p-64 "
+                     "--version=v2-alpha-tpuv5 --spot")
+  assert cmds[2].startswith(f"tar -czf ") and f"-C {REPO} --exclude=.git" in cmds[2]
+  assert cmds[3].startswith("gcloud compute tpus tpu-vm scp ") and cmds[3].endswith(
+      f"llava:llava_jax.tar.gz {where} --worker=all")
+  assert cmds[4].startswith(f"gcloud compute tpus tpu-vm ssh llava {where} --worker=all '--command=")
+  assert "pip install -q -e ~/llava_jax \"jax[tpu]\"" in cmds[4]
+  assert cmds[5] == (f"gcloud compute tpus tpu-vm describe llava {where} "
+                     "'--format=value(networkEndpoints[].ipAddress)'")
+  run = cmds[6]
+  assert run.startswith(f"gcloud compute tpus tpu-vm ssh llava {where} --worker=all '--command=cd ~/llava_jax && ")
+  assert "agent-worker-number" in run  # each worker reads its own process id
+  assert ("nohup env WANDB_MODE=offline ~/venv/bin/python -m llava_jax.main --coordinator_address=WORKER0_IP:8476 "
+          "--num_processes=NUM_WORKERS --process_id=$ID --config=configs/v15_stage2.py:7b "
+          "--workdir=gs://bucket/run\\ 1 > $HOME/llava_jax_run.log") in run
+  assert cmds[7] == f"gcloud compute tpus tpu-vm ssh llava {where} --worker=0 '--command=tail -n +1 -F $HOME/llava_jax_run.log'"
+  assert len(cmds) == 8
+
+
+def test_tpu_pod_other_commands_dry_run():
+  base = ("--name", "llava", "--zone", "europe-west4-b", "--dry-run")
+  where = "llava --zone=europe-west4-b"
+  out = sh("tpu_pod.sh", "create", *base, "--type", "v5litepod-256")
+  assert commands(out)[1].endswith("--accelerator-type=v5litepod-256 --version=v2-alpha-tpuv5-lite")
+  out = sh("tpu_pod.sh", "create", *base, "--type", "v4-32", "--version", "my-image")
+  assert commands(out)[1].endswith("--accelerator-type=v4-32 --version=my-image")
+  out = sh("tpu_pod.sh", "stop", *base)
+  (cmd,) = commands(out)
+  assert cmd.startswith(f"gcloud compute tpus tpu-vm ssh {where} --worker=all '--command=if [ -f $HOME/llava_jax_run.pid ]")
+  assert "kill -TERM" in cmd  # SIGTERM: the training loop saves a checkpoint and exits
+  out = sh("tpu_pod.sh", "logs", *base, "--worker", "all")
+  assert commands(out) == [f"gcloud compute tpus tpu-vm ssh {where} --worker=all '--command=tail -n 200 -F "
+                           "$HOME/llava_jax_run.log'"]
+  out = sh("tpu_pod.sh", "delete", *base)
+  assert commands(out) == [f"gcloud compute tpus tpu-vm delete {where} --quiet"]
+  out = sh("tpu_pod.sh", "run", *base, "--no-follow", "--port", "9000", "--", MAIN)
+  cmds = commands(out)
+  assert len(cmds) == 2 and "--coordinator_address=WORKER0_IP:9000" in cmds[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SLURM
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--dry-run",), "give llava_jax.main's arguments after '--'"),
+    (("--dry-run", "--", "--workdir=x"), "needs --config"),
+    (("--dry-run", "--gpus-per-node", "zero", "--", MAIN), "--gpus-per-node must be a positive integer"),
+    (("--dry-run", "--nodes"), "--nodes needs a value"),
+    (("--dry-run", MAIN), "unknown option '--config=configs/v15_stage2.py:7b'"),
+    (("--", MAIN), "not inside a SLURM job"),
+])
+def test_slurm_usage_errors(args, message):
+  out = sh("slurm_gpu.sbatch", *args)
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert message in out.stderr and not commands(out)
+
+
+def test_slurm_dry_run_one_process_per_gpu():
+  out = sh("slurm_gpu.sbatch", "--dry-run", "--nodes", "2", "--", MAIN, "--workdir=/shared/run 1")
+  assert out.returncode == 0, out.stderr
+  assert commands(out) == [
+      "env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 "
+      f"--kill-on-bad-exit=1 python3 -m llava_jax.main {MAIN} '--workdir=/shared/run 1'"]
+
+
+def test_slurm_dry_run_per_node_reads_the_allocation():
+  env = {"SLURM_JOB_NUM_NODES": "4", "SLURM_GPUS_ON_NODE": "4", "PYTHON": "/opt/venv/bin/python"}
+  out = sh("slurm_gpu.sbatch", "--dry-run", "--per-node", "--mem-fraction", "0.9", "--", MAIN, env=env)
+  assert out.returncode == 0, out.stderr
+  assert commands(out) == [
+      "env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 JAX_LOCAL_DEVICE_IDS=0,1,2,3 srun --nodes=4 --ntasks-per-node=1 "
+      f"--gpus-per-node=4 --kill-on-bad-exit=1 /opt/venv/bin/python -m llava_jax.main {MAIN}"]
+
+
+def test_slurm_directives_request_one_task_per_gpu():
+  text = open(os.path.join(LAUNCH, "slurm_gpu.sbatch")).read()
+  assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Local processes
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--dry-run",), "give llava_jax.main's arguments after '--'"),
+    (("--dry-run", "-n", "0", "--", MAIN), "--num-processes must be a positive integer"),
+    (("--dry-run", "--devices-per-process", "x", "--", MAIN), "--devices-per-process must be"),
+    (("--dry-run", "--port", "p", "--", MAIN), "--port must be a number"),
+    (("--dry-run", "--", "--workdir=x"), "needs --config"),
+])
+def test_local_usage_errors(args, message):
+  out = sh("local_multiprocess.sh", *args)
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert message in out.stderr and not commands(out)
+
+
+def test_local_dry_run_cpu_and_gpu():
+  out = sh("local_multiprocess.sh", "--dry-run", "-n", "3", "--devices-per-process", "2", "--port", "2000",
+           "--log-dir", "/tmp/mp logs", "--", "--config=configs/tiny.py", "--workdir=/tmp/mp")
+  assert out.returncode == 0, out.stderr
+  cmds = commands(out)
+  assert cmds == [
+      "env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 PYTHONUNBUFFERED=1 python3 -m "
+      f"llava_jax.main --coordinator_address=127.0.0.1:2000 --num_processes=3 --process_id={i} "
+      f"--config=configs/tiny.py --workdir=/tmp/mp > '/tmp/mp logs/process_{i}.log'" for i in range(3)]
+  assert not os.path.exists("/tmp/mp logs")  # a dry run creates nothing
+  out = sh("local_multiprocess.sh", "--dry-run", "--gpus", "--", "--config=configs/tiny.py")
+  assert [c.split(" PYTHONUNBUFFERED")[0] for c in commands(out)] == ["env CUDA_VISIBLE_DEVICES=0",
+                                                                       "env CUDA_VISIBLE_DEVICES=1"]
