@@ -123,13 +123,21 @@ def abstract_with_shardings(tree, shardings):
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (cloud preemption, SLURM time limit): the loop saves and exits at the next step."""
+  """Set by SIGTERM (cloud preemption, SLURM time limit): the loop saves and exits at the next step.
+
+  Single process only. With several processes each would see its own SIGTERM at its own step, and a process
+  that stops to save while another runs the next step deadlocks both; there the handler is not installed and
+  jax's preemption sync manager (started by `jax.distributed.initialize`) catches SIGTERM instead, so that
+  `Checkpointer.reached_preemption(step)` turns True at the same step on every process.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
 
   def install(self) -> "PreemptionFlag":
+    if jax.process_count() > 1:
+      return self
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     return self
