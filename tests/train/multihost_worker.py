@@ -3,8 +3,11 @@
     python tests/train/multihost_worker.py --process_id=I --num_processes=P --port=N --devices=D \
         --workdir=W --tokenizer_root=R --steps=S --out=DIR
 
-Trains configs/tiny.py for S steps with loop.train on a global (P·D, 1, 1) mesh — each process loads only its
-own rows (the pipeline shards by jax.process_index) — and writes, for the test to compare across processes:
+Trains configs/tiny.py (no warmup) with a schedule of S steps using loop.train on a global (P·D, 1, 1) mesh —
+each process loads only its own rows (the pipeline shards by jax.process_index) — until the test sends SIGTERM
+(jax's preemption sync manager makes every process stop and save at the same step), then writes, for the test
+to compare across processes:
+  DIR/result.process<I>.json     {"steps": last step, "preempted": bool}
   DIR/metrics.process<I>.jsonl   this process's view of every logged step's metrics (replicated scalars)
   DIR/params.process<I>.npz      the final full parameter tree gathered to this host ('/'-joined paths)
   DIR/probe.process<I>.json      the input-iterator state this process gets back from a checkpoint in which each
@@ -61,10 +64,12 @@ def main(argv):
   config = module.get_config()
   config.mesh = (jax.device_count(), 1, 1)
   config.train.num_steps = args.steps
+  config.train.warmup_ratio = 0.0
   config.train.checkpoint_every = 2
   config.eval.synthetic_samples = 0
   result = loop.train(config, args.workdir, tokenizer_workdir=args.tokenizer_root)
-  assert result.steps == args.steps, result.steps
+  with open(os.path.join(args.out, f"result.process{args.process_id}.json"), "w") as f:
+    json.dump({"steps": int(result.steps), "preempted": bool(result.preempted)}, f)
 
   full = multihost_utils.process_allgather(result.state.full_params(), tiled=True)
   flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(full).items()}

@@ -1,14 +1,18 @@
 """Two processes on 127.0.0.1 with `jax.distributed` (4 simulated CPU devices each, gloo collectives) train the
-tiny config on one global 8-device mesh with per-host data loading, and agree with each other and with a
-single-process run on 8 devices.
+tiny config on one global 8-device mesh with per-host data loading until SIGTERM, and agree with each other and
+with a single-process run on 8 devices.
 
 The pipeline gives host h the samples h::2 of the shared shuffled epoch, so global batch i is the same set of
 samples as the single-process batch i, in another row order: the loss and the update match to float32
 tolerance (summation order), not bit for bit. The two processes must match each other exactly.
+
+Preemption: SIGTERM reaches process 0 first and process 1 a second later (as on a pod, never at the same
+step); jax's preemption sync manager makes both stop, save and exit cleanly at the same step.
 """
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +30,9 @@ from llava_jax.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-STEPS, PROCESSES, DEVICES = 3, 2, 4
+SCHEDULE_STEPS, PROCESSES, DEVICES = 1000, 2, 4
 TIMEOUT_S = 300
+SIGNAL_SKEW_S = 1.0
 DETERMINISTIC = ("loss", "loss_sum", "grad_norm", "accuracy", "correct", "tokens", "input_tokens",
                  "learning_rate")
 
@@ -50,27 +55,40 @@ def read_rows(path):
     return [json.loads(line) for line in f]
 
 
+def checkpoint_steps(workdir) -> list:
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+
+
 def run_workers(tmp_path, tokenizer_root):
-  """Start both processes, wait (bounded), kill both if either fails; returns the output directory."""
-  out = tmp_path / "out"
+  """Start both processes, SIGTERM them (skewed) after the first checkpoint, wait (bounded), kill both if either
+  fails; returns the output directory."""
+  out, workdir = tmp_path / "out", str(tmp_path / "workdir")
   out.mkdir()
   port = free_port()
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.pop("XLA_FLAGS", None)  # the worker sets its own device count
   procs = []
+
+  def failed():
+    return [p for p, _ in procs if p.poll() not in (None, 0)]
+
   try:
     for i in range(PROCESSES):
       cmd = [sys.executable, WORKER, f"--process_id={i}", f"--num_processes={PROCESSES}", f"--port={port}",
-             f"--devices={DEVICES}", f"--steps={STEPS}", f"--workdir={tmp_path / 'workdir'}",
+             f"--devices={DEVICES}", f"--steps={SCHEDULE_STEPS}", f"--workdir={workdir}",
              f"--tokenizer_root={tokenizer_root}", f"--out={out}"]
       log = open(tmp_path / f"worker{i}.log", "wb")
       procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + TIMEOUT_S
-    while any(p.poll() is None for p, _ in procs):
-      failed = [p for p, _ in procs if p.poll() not in (None, 0)]
-      if failed or time.monotonic() > deadline:
-        break
-      time.sleep(0.5)
+    while not checkpoint_steps(workdir) and not failed() and time.monotonic() < deadline:
+      time.sleep(0.2)
+    for p, _ in procs:  # process 0 first, the other one SIGNAL_SKEW_S later
+      if checkpoint_steps(workdir) and p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        time.sleep(SIGNAL_SKEW_S)
+    while any(p.poll() is None for p, _ in procs) and not failed() and time.monotonic() < deadline:
+      time.sleep(0.2)
   finally:
     for p, log in procs:
       if p.poll() is None:
@@ -85,10 +103,33 @@ def run_workers(tmp_path, tokenizer_root):
   return out
 
 
-def test_two_processes_agree_with_each_other_and_one_process(tmp_path):
+def single_process_run(config, workdir, tokenizer_root, stop_at, monkeypatch):
+  """loop.train in this process (8 devices), preempted by a real SIGTERM during step `stop_at`."""
+  real = loop.make_train_step
+
+  def make_step(*args, **kwargs):
+    step_fn, calls = real(*args, **kwargs), []
+
+    def step(state, batch):
+      out = step_fn(state, batch)
+      calls.append(1)
+      if len(calls) == stop_at:
+        os.kill(os.getpid(), signal.SIGTERM)  # train()'s PreemptionFlag (single process) handles it
+      return out
+    return step
+
+  monkeypatch.setattr(loop, "make_train_step", make_step)
+  try:
+    return loop.train(config, workdir, tokenizer_workdir=tokenizer_root)
+  finally:
+    monkeypatch.setattr(loop, "make_train_step", real)
+
+
+def test_two_processes_agree_with_each_other_and_one_process(tmp_path, monkeypatch):
   config = load_config("tiny")
   config.mesh = (PROCESSES * DEVICES, 1, 1)
-  config.train.num_steps = STEPS
+  config.train.num_steps = SCHEDULE_STEPS
+  config.train.warmup_ratio = 0.0
   config.train.checkpoint_every = 2
   config.eval.synthetic_samples = 0
   tokenizer_root = str(tmp_path / "tok")
@@ -96,11 +137,20 @@ def test_two_processes_agree_with_each_other_and_one_process(tmp_path):
 
   out = run_workers(tmp_path, tokenizer_root)
 
+  # Both processes stopped at the same step, saved a checkpoint there, and exited with code 0.
+  results = [json.loads((out / f"result.process{i}.json").read_text()) for i in range(PROCESSES)]
+  stopped = results[0]["steps"]
+  assert results == [{"steps": stopped, "preempted": True}] * PROCESSES
+  workdir = str(tmp_path / "workdir")
+  assert 2 <= stopped < SCHEDULE_STEPS and checkpoint_steps(workdir)[-1] == stopped
+  assert not os.path.exists(os.path.join(workdir, loop.PARAMS_DIR))
+
+  # Replicated metrics and the parameters: one value, seen identically by both processes.
   rows = [read_rows(out / f"metrics.process{i}.jsonl") for i in range(PROCESSES)]
-  assert [r["step"] for r in rows[0]] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in rows[0]] == list(range(1, stopped + 1))
   for a, b in zip(rows[0], rows[1], strict=True):
     for key in DETERMINISTIC:
-      assert a[key] == b[key], (a["step"], key)  # replicated metrics: one value, seen by both processes
+      assert a[key] == b[key], (a["step"], key)
     assert a["data/samples"] == b["data/samples"] == a["step"] * config.train.global_batch_size // PROCESSES
   losses = [r["loss"] for r in rows[0]]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
@@ -108,21 +158,22 @@ def test_two_processes_agree_with_each_other_and_one_process(tmp_path):
   assert params[0].keys() == params[1].keys()
   for k in params[0]:
     np.testing.assert_array_equal(params[0][k], params[1][k], err_msg=k)
-  # the run checkpointed (orbax across both processes) with each host's iterator state, and exported its params
-  workdir = tmp_path / "workdir"
-  assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [2, 3]
-  assert (workdir / loop.PARAMS_DIR).is_dir()
-  with open(workdir / "checkpoints" / "3" / "data" / "metadata") as f:
+
+  # The checkpoint holds each host's own iterator state, and a restore hands each process its own.
+  with open(os.path.join(workdir, "checkpoints", str(stopped), "data", "metadata")) as f:
     data_item = json.load(f)
   assert data_item["kind"] == "per_process" and len(data_item["value"]) == PROCESSES
-  assert [s["value"]["samples_seen"] for s in data_item["value"]] == [STEPS * config.train.global_batch_size // PROCESSES] * PROCESSES
-  for i in range(PROCESSES):  # a restore hands each process its own iterator state, not process 0's
+  per_host = stopped * config.train.global_batch_size // PROCESSES
+  assert [s["value"]["samples_seen"] for s in data_item["value"]] == [per_host] * PROCESSES
+  for i in range(PROCESSES):
     assert json.loads((out / f"probe.process{i}.json").read_text()) == {"host": i}
 
-  # One process, 8 devices, the same config: the same global batches (rows in another order).
-  single = loop.train(config, str(tmp_path / "single"), tokenizer_workdir=tokenizer_root)
+  # One process, 8 devices, the same config and schedule, stopped at the same step: the same global batches.
+  single = single_process_run(config, str(tmp_path / "single"), tokenizer_root, stopped, monkeypatch)
+  assert single.preempted and single.steps == stopped
   ref_rows = read_metrics(str(tmp_path / "single"))
   for a, r in zip(rows[0], ref_rows, strict=True):
+    assert a["step"] == r["step"] and a["learning_rate"] == r["learning_rate"]
     assert a["tokens"] == r["tokens"] and a["input_tokens"] == r["input_tokens"] and a["correct"] == r["correct"]
     np.testing.assert_allclose(a["loss"], r["loss"], rtol=1e-6)
     np.testing.assert_allclose(a["grad_norm"], r["grad_norm"], rtol=1e-5)
