@@ -66,7 +66,18 @@ def choose_tokens(logits: jax.Array, row_key_data: jax.Array, step, temperature,
   `filter_logits`. row_key_data [B, ...] from `make_row_keys`; step: int scalar (generation step)."""
   b = logits.shape[0]
   temperature = _per_row(temperature, b, jnp.float32)
+  top_k = _per_row(top_k, b, jnp.int32)
+  top_p = _per_row(top_p, b, jnp.float32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  filtered = filter_logits(logits, temperature, top_k, top_p)
-  sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(step_keys(row_key_data, step), filtered)
-  return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
+
+  # Only pay for what some row uses: the vocabulary sort of top-k / top-p costs more than a whole decode
+  # step of a small model on CPU (bench/README.md), and greedy batches need no sampling at all.
+  def sample(_):
+    sampling = temperature > 0
+    needs_filter = jnp.any(sampling & ((top_k > 0) | (top_p < 1.0)))
+    scaled = lambda: logits.astype(jnp.float32) / jnp.where(sampling, temperature, 1.0)[:, None]
+    filtered = jax.lax.cond(needs_filter, lambda: filter_logits(logits, temperature, top_k, top_p), scaled)
+    sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(step_keys(row_key_data, step), filtered)
+    return jnp.where(sampling, sampled.astype(jnp.int32), greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
