@@ -331,7 +331,7 @@ DEMO_TIMEOUT_S = 1200
 
 
 @pytest.mark.skipif(os.environ.get("LLAVA_JAX_DEMO_TEST") != "1",
-                    reason="3-20 min on a 2-core CPU (600+ steps are needed to learn): set LLAVA_JAX_DEMO_TEST=1")
+                    reason="5-20 min on a 2-core CPU (~600 steps are needed to learn): set LLAVA_JAX_DEMO_TEST=1")
 def test_demo_learns_on_a_shortened_schedule(tmp_path):
   """The README's main command (`python -m llava_jax.main --config=configs/demo.py`, one CPU device, no
   downloads): stage 1 then stage 2 from random init, then greedy answers to held-out generated questions, whose
@@ -347,9 +347,9 @@ def test_demo_learns_on_a_shortened_schedule(tmp_path):
                         timeout=DEMO_TIMEOUT_S)
   out = proc.stdout.decode("utf-8", "replace")
   assert proc.returncode == 0, out[-3000:]
-  for stage, steps in (("stage1", DEMO_STAGE1_STEPS), ("stage2", DEMO_STAGE2_STEPS)):
-    rows = read_metrics(os.path.join(workdir, stage))
-    assert rows[-1]["step"] == steps and rows[-1]["loss"] < rows[0]["loss"], (stage, rows[0], rows[-1])
+  assert read_metrics(os.path.join(workdir, "stage1"))[-1]["step"] == DEMO_STAGE1_STEPS
+  rows = read_metrics(os.path.join(workdir, "stage2"))
+  assert rows[-1]["step"] == DEMO_STAGE2_STEPS and rows[-1]["loss"] < rows[0]["loss"], (rows[0], rows[-1])
   with open(os.path.join(workdir, "eval_report.json")) as f:
     report = json.load(f)
   acc, base = report["accuracy"], report["majority_baseline"]
