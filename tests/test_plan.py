@@ -81,7 +81,9 @@ def test_plan_7b_stage2_on_8xa100_80g():
   assert p.fits and p.chosen is not None, p.render()
   m = p.chosen.memory
   assert m.error is None
-  assert m.total <= 0.9 * 80 * GIB
+  # simulated-CPU temporaries are scaled by the TPU-compiler calibration before the budget check
+  assert p.temp_factor == 1.25 and p.chosen.total == pytest.approx(m.total + 0.25 * m.temporaries)
+  assert p.chosen.total <= 0.9 * 80 * GIB
   # 7B stage 2 trains the LLM + projector: params float32 sharded 8 ways (norm scales replicated)
   t = recipes.llava_config(config.model).text
   d, f, layers, v = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size
@@ -112,7 +114,7 @@ def test_nothing_fits_is_said_clearly():
   assert len(labels) == len(set(labels)) == 4
   assert [tr.candidate.attention_impl for tr in p.trials] == ["xla", "chunked", "chunked", "chunked"]
   assert p.trials[-1].candidate.remat_policy == "full" and p.trials[-1].candidate.chunked_loss
-  assert all(tr.memory.error is None and tr.memory.total > 64 * 1024 for tr in p.trials)
+  assert all(tr.memory.error is None and tr.total > 64 * 1024 for tr in p.trials)
   text = p.render()
   assert "NOTHING FITS" in text and "parameters + optimizer state" in text
 

@@ -13,6 +13,7 @@ def plan_flag_defaults() -> ml_collections.ConfigDict:
       mfu=0.4,            # model FLOPs utilization assumed for the step time
       headroom=0.10,      # fraction of each chip's memory kept free
       backend="cpu",      # 'cpu' (simulated devices) | 'tpu' (libtpu deviceless compile, TPU topologies)
+      temp_factor=0.0,    # scale of simulated-CPU temporaries (0: the TPU-calibrated default; 1: raw CPU numbers)
       explore=False,      # also try remat policies that recompute less, at the fitting setting
       max_trials=10,      # most candidates compiled
       mean_tokens=0,      # also project the wall clock at this many tokens per row (0: only padded rows)
@@ -22,7 +23,11 @@ def plan_flag_defaults() -> ml_collections.ConfigDict:
 
 def run_plan(config, plan_config, config_path: str, out=print) -> int:
   """Plan and print. Returns the process exit code: 0 when a candidate fits, 3 when nothing does."""
+  import jax
+  from jax._src import xla_bridge
   from llava_jax.scale.plan import plan
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_platforms", "cpu")  # this process only plans: the compiles run in a child process
   if not plan_config.topology:
     raise ValueError(f"--mode=plan needs --plan.topology (one of {', '.join(TOPOLOGIES)}, or '<n>x<GPU>' / a "
                      "Cloud TPU type)")
@@ -32,7 +37,8 @@ def run_plan(config, plan_config, config_path: str, out=print) -> int:
   out(f"planning {config_path} on {topo.name}: compiling the train step on {where} "
       "(seconds to minutes per candidate)")
   result = plan(config, topo, recipe=config_path, mfu=float(plan_config.mfu), headroom=float(plan_config.headroom),
-                backend=plan_config.backend, explore=bool(plan_config.explore), max_trials=int(plan_config.max_trials),
+                backend=plan_config.backend, temp_factor=float(plan_config.temp_factor) or None,
+                explore=bool(plan_config.explore), max_trials=int(plan_config.max_trials),
                 mean_tokens=int(plan_config.mean_tokens) or None, samples=int(plan_config.samples) or None, log=out)
   out("")
   out(result.render())
