@@ -30,6 +30,9 @@ EXTRAS = {
         "torch==2.13.0",
         "scikit-image",
         "selenium",      # drives the system Chromium for the chat-page test
+        "nbformat",      # the notebooks are executed top to bottom by the tests
+        "nbclient",
+        "ipykernel",
         # the TFDS source is tested for real: reading needs tensorflow-datasets + array_record,
         # preparing the tiny test data set needs tensorflow-cpu
         "tensorflow-datasets",
