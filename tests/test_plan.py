@@ -119,6 +119,18 @@ def test_nothing_fits_is_said_clearly():
   assert "NOTHING FITS" in text and "parameters + optimizer state" in text
 
 
+def test_explore_prefers_less_recomputation_that_fits():
+  config = load_config("tiny")
+  config.model.runtime.remat_policy = "dots_no_batch"
+  p = plan(config, "8xA100-80G", recipe="configs/tiny.py", explore=True, devices=jax.devices()[:8])
+  # the recipe fits; then only policies recomputing less are compiled ('save_attn_out' and 'full' recompute
+  # more than 'dots_no_batch', which recomputes the attention core), and kept when they fit
+  assert [tr.candidate.remat_policy for tr in p.trials] == ["dots_no_batch", "dots"]
+  assert all(tr.fits for tr in p.trials)
+  assert p.chosen.candidate.remat_policy == "dots" and p.chosen.flops.recompute_factor == 1.0
+  assert p.trials[0].flops.recompute_factor > 1.0
+
+
 def test_unsplittable_batch_is_a_problem_not_a_crash():
   config = load_config("tiny")
   config.train.global_batch_size = 6

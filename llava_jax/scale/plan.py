@@ -8,7 +8,7 @@ of candidates — the recipe as configured, then one memory saver at a time:
   3. remat policy → 'full' (save only each layer's input)
   4. micro-batches ×2, ×4, ... (gradient accumulation) down to one row per device per micro-batch
 stopping at the first that fits in (1 - headroom) × the chip's memory. With `explore`, policies that
-recompute less ('dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are analytical
+recompute less ('save_attn_out', 'dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are analytical
 (`llava_jax.scale.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
 steps × step time.
 """
@@ -271,11 +271,11 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
         result.chosen = trial
         break
     if explore and result.chosen is not None:
-      for policy in ("dots_no_batch", "dots"):
+      for policy in ("save_attn_out", "dots_no_batch", "dots"):  # only those that recompute less
         c = dataclasses.replace(result.chosen.candidate, remat_policy=policy)
-        if c.remat_policy != result.chosen.candidate.remat_policy:
+        if flops_fn(c, seq_len).hardware < result.chosen.flops.hardware:
           trial = attempt(c)
-          if trial.fits and trial.flops.hardware < result.chosen.flops.hardware:
+          if trial.fits:
             result.chosen = trial
   finally:
     if worker is not None:
