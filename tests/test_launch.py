@@ -72,7 +72,7 @@ def test_tpu_pod_up_dry_run_prints_every_step():
   assert cmds[0] == f"gcloud compute tpus tpu-vm describe llava {where} '--format=value(state)'"
   assert cmds[1] == (f"gcloud compute tpus tpu-vm create llava {where} --accelerator-type=v5p-64 "
                      "--version=v2-alpha-tpuv5 --spot")
-  assert cmds[2].startswith(f"tar -czf ") and f"-C {REPO} --exclude=.git" in cmds[2]
+  assert cmds[2].startswith("tar -czf ") and f"-C {REPO} --exclude=.git" in cmds[2]
   assert cmds[3].startswith("gcloud compute tpus tpu-vm scp ") and cmds[3].endswith(
       f"llava:llava_jax.tar.gz {where} --worker=all")
   assert cmds[4].startswith(f"gcloud compute tpus tpu-vm ssh llava {where} --worker=all '--command=")
@@ -85,7 +85,8 @@ def test_tpu_pod_up_dry_run_prints_every_step():
   assert ("nohup env WANDB_MODE=offline ~/venv/bin/python -m llava_jax.main --coordinator_address=WORKER0_IP:8476 "
           "--num_processes=NUM_WORKERS --process_id=$ID --config=configs/v15_stage2.py:7b "
           "--workdir=gs://bucket/run\\ 1 > $HOME/llava_jax_run.log") in run
-  assert cmds[7] == f"gcloud compute tpus tpu-vm ssh llava {where} --worker=0 '--command=tail -n +1 -F $HOME/llava_jax_run.log'"
+  assert cmds[7] == (f"gcloud compute tpus tpu-vm ssh llava {where} --worker=0 "
+                     "'--command=tail -n +1 -F $HOME/llava_jax_run.log'")
   assert len(cmds) == 8
 
 
@@ -98,7 +99,8 @@ def test_tpu_pod_other_commands_dry_run():
   assert commands(out)[1].endswith("--accelerator-type=v4-32 --version=my-image")
   out = sh("tpu_pod.sh", "stop", *base)
   (cmd,) = commands(out)
-  assert cmd.startswith(f"gcloud compute tpus tpu-vm ssh {where} --worker=all '--command=if [ -f $HOME/llava_jax_run.pid ]")
+  assert cmd.startswith(f"gcloud compute tpus tpu-vm ssh {where} --worker=all "
+                        "'--command=if [ -f $HOME/llava_jax_run.pid ]")
   assert "kill -TERM" in cmd  # SIGTERM: the training loop saves a checkpoint and exits
   out = sh("tpu_pod.sh", "logs", *base, "--worker", "all")
   assert commands(out) == [f"gcloud compute tpus tpu-vm ssh {where} --worker=all '--command=tail -n 200 -F "

@@ -75,7 +75,7 @@ def test_step_flops_against_hand_count_and_training_metric():
 
 
 def test_plan_7b_stage2_on_8xa100_80g():
-  """The reference's set-up (per-device 16 × 2048, 8 × 80 GB) fits with ≥ 10 % headroom, measured on the real step."""
+  """The reference's set-up (per-device 16 × 2048, 8 × 80 GB) fits with ≥ 10 % headroom, on the real step."""
   config = load_config("v15_stage2", "7b")
   p = plan(config, "8xA100-80G", recipe="configs/v15_stage2.py:7b", devices=jax.devices()[:8])
   assert p.fits and p.chosen is not None, p.render()

@@ -9,7 +9,7 @@ from llava_jax.scale.hardware import TOPOLOGIES, get_topology
 def plan_flag_defaults() -> ml_collections.ConfigDict:
   """The `--plan.*` flags (an absl config dict)."""
   return ml_collections.ConfigDict(dict(
-      topology="",        # '8xA100-80G', '8xA100-40G', '8xH100', 'v4-32', 'v5p-64', 'v5e-256', '<n>x<GPU>', 'v5p-<cores>'
+      topology="",        # '8xA100-80G', '8xA100-40G', '8xH100', 'v4-32', 'v5p-64', 'v5e-256', '<n>x<GPU>', ...
       mfu=0.4,            # model FLOPs utilization assumed for the step time
       headroom=0.10,      # fraction of each chip's memory kept free
       backend="cpu",      # 'cpu' (simulated devices) | 'tpu' (libtpu deviceless compile, TPU topologies)

@@ -142,7 +142,6 @@ def measure(config, candidate: Candidate, devices: Sequence[Any], *, total_steps
   config: the recipe ConfigDict (model, train, data sections); seq_len defaults to data.max_length, image_slots
   to one per row. Compile errors (e.g. a shape the mesh cannot split) come back in `error`, not raised.
   """
-  import jax
   from llava_jax import parallel, recipes
   from llava_jax.train.optim import optimizer_from_config
   from llava_jax.train.state import abstract_train_state

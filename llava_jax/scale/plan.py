@@ -8,8 +8,8 @@ of candidates — the recipe as configured, then one memory saver at a time:
   3. remat policy → 'full' (save only each layer's input)
   4. micro-batches ×2, ×4, ... (gradient accumulation) down to one row per device per micro-batch
 stopping at the first that fits in (1 - headroom) × the chip's memory. With `explore`, policies that
-recompute less ('save_attn_out', 'dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are analytical
-(`llava_jax.scale.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
+recompute less ('save_attn_out', 'dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are
+analytical (`llava_jax.scale.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
 steps × step time.
 """
 from __future__ import annotations
