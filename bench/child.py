@@ -1,6 +1,6 @@
 """Benchmark processes started by bench/run.py, all with the same thread environment and CPU affinity.
 
-    python -m bench.child TASK ARGS_JSON OUT_JSON    one-shot task (prepare, data_*, ckpt_*): result → OUT_JSON
+    python -m bench.child TASK ARGS_JSON OUT_JSON    one-shot task (prepare, data, ckpt_*): result → OUT_JSON
     python -m bench.child serve SIDE ARGS_JSON       a side ('jax' | 'torch') that loads the model once, then
                                                      answers commands read from stdin, one JSON per line:
         {"cmd": "list"} | {"cmd": "warmup", "bench": B, "n": k} | {"cmd": "rep", "bench": B}
@@ -28,17 +28,16 @@ def _task(name: str, a: dict):
     torch_facts = torch_side.set_threads(threads)
     info = torch_side.save_model(p, a["model_dir"])
     data_bench.make_tokenizer(p, a["tokenizer_dir"])
-    return dict(info, facts=torch_facts)
-  if name == "data_ours":
-    from bench import data_bench
-    return data_bench.run_ours(p, a["tokenizer_dir"], p.data_workers)
-  if name == "data_torch":
+    out = dict(info, facts=torch_facts)
+    if a.get("make_ckpt"):
+      from bench import memory
+      out["ckpt"] = memory.generate_checkpoint(p, a["ckpt_dir"])
+    return out
+  if name == "data":
     from bench import data_bench, torch_side
     torch_side.set_threads(threads)
-    return data_bench.run_torch(p, a["tokenizer_dir"], p.data_workers)
-  if name == "ckpt_gen":
-    from bench import memory
-    return memory.generate_checkpoint(p, a["ckpt_dir"])
+    return dict(ours=data_bench.run_ours(p, a["tokenizer_dir"], p.data_workers),
+                torch=data_bench.run_torch(p, a["tokenizer_dir"], p.data_workers))
   if name == "ckpt_ours":
     from bench import memory
     return memory.measure_ours(a["ckpt_dir"])

@@ -77,7 +77,7 @@ FULL = Preset(
     v_hidden=512, v_mlp=2048, v_layers=4, v_heads=8, image_size=224, patch=14,
     t_hidden=512, t_mlp=1408, t_layers=4, t_heads=8, t_kv_heads=8, vocab=32064, image_token=32000,
     train_batch=4, train_text=128, prompt_text=48, decode_new=64, decode_batches=(1, 8), vision_batch=8,
-    data_samples=192, data_batch=8, data_workers=2, matmul_sizes=(1024, 2048, 3072), warmup=2, reps=7,
+    data_samples=480, data_batch=8, data_workers=2, matmul_sizes=(1024, 2048, 3072), warmup=2, reps=7,
     train_reps=5,
     ckpt_t_hidden=2048, ckpt_t_mlp=5632, ckpt_t_layers=8, ckpt_v_hidden=1024, ckpt_v_mlp=4096,
     ckpt_v_layers=6, ckpt_shard_bytes=1 << 30)

@@ -84,8 +84,12 @@ class Server:
     self.proc = subprocess.Popen([sys.executable, "-m", "bench.child", "serve", side, args_path], cwd=REPO, env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                  preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    self.facts, self.benches = None, None
+
+  def wait_ready(self) -> "Server":
     ready = self._read()
     self.facts, self.benches = ready["facts"], ready["benches"]
+    return self
 
   def _read(self) -> dict:
     for line in self.proc.stdout:
@@ -128,8 +132,10 @@ def run_model_group(p: common.Preset, args_path: str, workdir: str, env, cpus, l
   sides (the first side alternating too), so slow drifts of the machine's load hit both alike."""
   servers: Dict[str, Server] = {}
   try:
-    for side in SIDES:
+    for side in SIDES:  # both start (import, load, convert) at once; nothing is timed before both are ready
       servers[side] = Server(side, args_path, workdir, env, cpus)
+    for side in SIDES:
+      servers[side].wait_ready()
     names = list(servers["jax"].benches) + [b for b in servers["torch"].benches if b not in servers["jax"].benches]
     out = {side: dict(facts=servers[side].facts, benches={}) for side in SIDES}
     for name in names:
@@ -181,26 +187,33 @@ def run(argv=None) -> dict:
   skipped: Dict[str, str] = {}
   loads = [common.loadavg()]
   try:
+    if "ckpt" in groups:
+      need = 2 * _ckpt_bytes(p)
+      free = shutil.disk_usage(workdir).free
+      if free < need:
+        skipped["ckpt"] = f"needs {need / 2 ** 30:.1f} GiB free in {workdir}, has {free / 2 ** 30:.1f} GiB"
+      shared["make_ckpt"] = "ckpt" not in skipped
     outputs["prepare"] = run_child("prepare", shared, workdir, env, cpus, a.timeout)
+    if shared.get("make_ckpt"):
+      outputs["ckpt_gen"] = dict(outputs["prepare"], result=outputs["prepare"]["result"].pop("ckpt"))
     if "model" in groups:
       args_path = os.path.join(workdir, "serve.args.json")
       common.write_json(args_path, shared)
       model = run_model_group(p, args_path, workdir, env, cpus, loads)
     tasks = []
     if "data" in groups:
-      tasks += ["data_ours", "data_torch"]
-    if "ckpt" in groups:
-      need = 2 * _ckpt_bytes(p)
-      free = shutil.disk_usage(workdir).free
-      if free < need:
-        skipped["ckpt"] = f"needs {need / 2 ** 30:.1f} GiB free in {workdir}, has {free / 2 ** 30:.1f} GiB"
-      else:
-        tasks += ["ckpt_gen", "ckpt_ours", "ckpt_hf"]
+      tasks.append("data")
+    if shared.get("make_ckpt"):
+      # transformers' loader is only informative (it memory-maps: no comparable number); not in quick runs
+      tasks += ["ckpt_ours"] + (["ckpt_hf"] if p.name != "quick" else [])
     for task in tasks:
       outputs[task] = run_child(task, shared, workdir, env, cpus, a.timeout)
       loads += [outputs[task]["loadavg_before"], outputs[task]["loadavg_after"]]
-      if task == "ckpt_hf":
-        shutil.rmtree(shared["ckpt_dir"], ignore_errors=True)
+    shutil.rmtree(shared["ckpt_dir"], ignore_errors=True)
+    if "data" in outputs:  # one process ran both pipelines, one after the other
+      data = outputs.pop("data")
+      for side in ("ours", "torch"):
+        outputs[f"data_{side}"] = dict(data, result=data["result"][side])
   finally:
     if own_workdir:
       shutil.rmtree(workdir, ignore_errors=True)

@@ -30,7 +30,7 @@ def test_quick_run_writes_a_complete_report(tmp_path):
   assert set(rows) == EXPECTED_ROWS
   for key, r in rows.items():
     assert isinstance(r["ours"], float) and math.isfinite(r["ours"]) and r["ours"] > 0, (key, r)
-    if key != "train_mfu":  # the reference column of MFU is informative; all others are a real comparison
+    if key not in ("train_mfu", "ckpt_staging_over_largest_shard"):  # those compare with a target, not PyTorch
       assert isinstance(r["reference"], float) and r["reference"] > 0, (key, r)
     assert r["ratio"] is not None and r["ratio"] > 0, (key, r)
     assert (r["met"] is None) == (r["target"] is None), (key, r)
@@ -39,14 +39,15 @@ def test_quick_run_writes_a_complete_report(tmp_path):
   sanity = doc["report"]["sanity"]
   assert sanity["first_train_loss"]["rel_diff"] < 1e-4, sanity
   for b in ("1", "2"):
-    ours = doc["raw"]["jax"]["decode"][b]["tokens"]
-    ref = doc["raw"]["torch"]["decode"][b]["tokens"]
+    ours = doc["raw"]["jax"]["benches"][f"decode_b{b}"]["info"]["tokens"]
+    ref = doc["raw"]["torch"]["benches"][f"decode_b{b}"]["info"]["tokens"]
     assert [r[0] for r in ours] == [r[0] for r in ref]
 
   # MFU pieces are consistent: achieved = model FLOPs / median step time, peak = best measured matmul
   mfu = doc["report"]["mfu"]
   assert math.isclose(mfu["achieved_flops"],
-                      mfu["model_flops_per_step"]["total"] / doc["raw"]["jax"]["train"]["median_s"], rel_tol=1e-9)
+                      mfu["model_flops_per_step"]["total"]
+                      / doc["raw"]["jax"]["benches"]["train"]["summary"]["s"]["median"], rel_tol=1e-9)
   assert mfu["peak_flops"] == max(mfu["peak_jax"], mfu["peak_torch"])
 
   # every child ran with the thread environment the report states
