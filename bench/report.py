@@ -178,7 +178,7 @@ def chart(report: dict, meta: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   rows = [r for r in report["rows"] if r["ratio"] is not None]
-  fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.6))
+  fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) + 2.0))
   labels = [r["label"] for r in rows]
   ratios = [r["ratio"] for r in rows]
   colors = []
@@ -190,13 +190,14 @@ def chart(report: dict, meta: dict, path: str) -> None:
     if r["target"] is not None:
       ax.plot([r["target"], r["target"]], [yi - 0.4, yi + 0.4], color="black", lw=2)
     text = f"{r['ratio'] * 100:.0f} %" if r["key"] == "train_mfu" else f"{r['ratio']:.2f}×"
-    ax.text(r["ratio"], yi, " " + text, va="center", fontsize=9)
+    ax.text(max(r["ratio"], r["target"] or 0), yi, "  " + text, va="center", fontsize=9)
   ax.axvline(1.0, color="#555555", lw=0.8, ls="--")
   ax.set_yticks(list(y))
   ax.set_yticklabels(labels, fontsize=9)
-  ax.set_xlabel("ratio (llava_jax / PyTorch; MFU = fraction of peak; memory = staging / largest shard)")
-  ax.set_title(f"llava_jax vs transformers PyTorch LLaVA, {meta['date']}, {meta['threads']} CPU threads "
-               f"(black tick = target; green met, red missed)", fontsize=9)
+  ax.set_xlabel("ratio: llava_jax / PyTorch (> 1 is better); MFU: fraction of the matmul peak;\n"
+                "checkpoint: staging memory / largest shard (< target is better)", fontsize=9)
+  ax.set_title(f"llava_jax vs transformers' PyTorch LLaVA, {meta['date']}, {meta['threads']} CPU threads\n"
+               f"black tick = target; green = met, red = missed, grey = no target", fontsize=10)
   ax.set_xlim(0, max(ratios + [t["target"] or 0 for t in rows]) * 1.25)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
