@@ -91,14 +91,22 @@ def synthetic_corpus(config, model_config: LlavaConfig, num_samples: int = 2000)
 def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
   """Keyword arguments of data.pipeline.make_pipeline from the config (without source, seed and batch size)."""
   data = config.data
+  buckets = tuple(data.bucket_lengths) or None
+  if _process_count() > 1:  # each host picks a bucket from its own rows: hosts must agree on one length
+    buckets = (int(data.max_length),)
   return dict(
       tokenizer=tokenizer, template=data.template, image_size=model_config.vision.image_size,
       aspect_ratio=data.image_aspect_ratio, num_image_tokens=model_config.num_image_tokens,
       image_token_index=model_config.image_token_index, max_length=int(data.max_length),
-      bucket_lengths=tuple(data.bucket_lengths) or None, packing=bool(data.packing),
+      bucket_lengths=buckets, packing=bool(data.packing),
       group_by_modality=bool(data.group_by_modality), worker_count=int(data.worker_count),
       strict=bool(data.strict), max_pixels=int(data.max_pixels),
       max_images_per_sample=int(data.get("max_images_per_sample", 1)))
+
+
+def _process_count() -> int:
+  import jax
+  return jax.process_count()
 
 
 def inspect_from_config(config, *, out_path: Optional[str], limit: int, workdir: Optional[str] = None) -> dict:

@@ -38,7 +38,11 @@ def batch_answer_matches(config: LlavaConfig, params, batch: Mapping[str, np.nda
   if mesh is None:
     return np.asarray(_jitted(config, params, dict(batch))[0])
   with jax.set_mesh(mesh), parallel.axis_rules():
-    return np.asarray(_jitted(config, params, dict(batch))[0])
+    matches = _jitted(config, params, dict(batch))[0]
+  if not matches.is_fully_addressable:  # params spread over several processes' devices
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(matches, tiled=True))
+  return np.asarray(matches)
 
 
 def summarize(matches: Dict[str, list]) -> Dict[str, float]:

@@ -62,4 +62,24 @@ def evaluate_synthetic(config, model_config: LlavaConfig, params, tokenizer, *, 
            f"(majority-answer baseline {base['overall']:.1%})")
   for kind in sorted(k for k in acc if k not in ("overall", "n")):
     print_fn(f"  {kind:10s} {acc[kind]:6.1%}   baseline {base.get(kind, float('nan')):6.1%}")
+  report["samples"] = sample_answers(model_config, params, tokenizer, source, kwargs["template"], data, mesh=mesh)
+  for s in report["samples"]:
+    print_fn(f"  Q: {s['question']!r}  model: {s['answer']!r}  expected: {s['expected']!r}")
   return report
+
+
+def sample_answers(model_config: LlavaConfig, params, tokenizer, source, template, data, *, mesh=None,
+                   count: int = 3) -> list:
+  """Greedy KV-cache generation (infer/generate.py) for the first `count` held-out questions."""
+  from llava_jax.data import conversation
+  from llava_jax.data.image import preprocess
+  from llava_jax.infer.generate import generate
+  tpl = conversation.get_template(template)
+  records = [source[i] for i in range(min(count, len(source)))]
+  prompts = [conversation.generation_prompt(r["conversations"][:1], tpl) for r in records]
+  pixels = np.stack([preprocess(r["images"][0], image_size=model_config.vision.image_size,
+                                aspect_ratio=data.image_aspect_ratio) for r in records])
+  result = generate(model_config, params, prompts=prompts, pixel_values=pixels, tokenizer=tokenizer,
+                    max_new_tokens=16, stop_strings=tuple(conversation.stop_strings(tpl)), mesh=mesh)
+  return [{"question": r["meta"]["questions"][0], "answer": text.strip(), "expected": r["meta"]["answers"][0]}
+          for r, text in zip(records, result.texts)]

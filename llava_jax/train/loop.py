@@ -36,6 +36,7 @@ from llava_jax.train.step import make_train_step
 logger = logging.getLogger(__name__)
 
 PARAMS_DIR = "params"
+MODEL_CONFIG_KEY = "llava_config"  # the LlavaConfig actually trained, saved beside the run config
 EVAL_KINDS = ("synthetic", "scienceqa", "llava_bench")
 
 
@@ -133,14 +134,21 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
   model_config = recipes.llava_config(config.model)
   mesh = parallel.make_mesh(tuple(config.mesh))
   tcfg = config.train
+  ckpt = checkpointing.Checkpointer(workdir, keep=int(tcfg.keep_checkpoints))
+  start = ckpt.latest_step()
+  params = None
+  if start is not None:  # the architecture the run was started with (an imported checkpoint may differ)
+    saved = ckpt.restore_config(start).get(MODEL_CONFIG_KEY)
+    if saved:
+      model_config = LlavaConfig.from_dict(saved)
+  else:  # weights first: an imported checkpoint's architecture decides image size and placeholders
+    model_config, params = initial_params(config, model_config, mesh)
   tokenizer = data_config.build_tokenizer(config, model_config, tokenizer_workdir or workdir)
   source = data_config.build_source(config.data, model_config)
   steps = total_steps(config, len(source))
   optimizer = optimizer_from_config(tcfg, steps)
-  ckpt = checkpointing.Checkpointer(workdir, keep=int(tcfg.keep_checkpoints))
   pipeline = make_pipeline(source, seed=int(tcfg.seed), global_batch_size=int(tcfg.global_batch_size),
                            **data_config.pipeline_kwargs(config, model_config, tokenizer))
-  start = ckpt.latest_step()
   if start is not None:
     abstract = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=tcfg.trainable,
                                     freeze=_freeze(tcfg))
@@ -149,9 +157,9 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
       pipeline.set_state(data_state)
     _say(f"resumed from {ckpt.directory} at step {start}")
   else:
-    model_config, params = initial_params(config, model_config, mesh)
     state = create_train_state(model_config, optimizer, mesh, int(config.init.seed),
                                trainable_patterns=tcfg.trainable, freeze=_freeze(tcfg), params=params)
+    del params
     start = 0
   step_fn = make_train_step(model_config, optimizer, mesh, micro_batches=int(tcfg.micro_batches),
                             chunked_loss=tcfg.chunked_loss, state_shardings=state_shardings(state))
@@ -179,7 +187,7 @@ def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, pre
   flops_per_token = metrics_lib.train_flops_per_token(model_config, int(config.data.max_length))
   peak = metrics_lib.device_peak_flops()
   progress = _progress(start, steps)
-  config_dict = config.to_dict()
+  config_dict = {**config.to_dict(), MODEL_CONFIG_KEY: model_config.to_dict()}
   window_tokens, window_start, last = 0, time.perf_counter(), None
   final_loss, step = None, start
   for step in range(start + 1, steps + 1):
