@@ -53,7 +53,6 @@ _MAX_OUTPUT_TOKENS = flags.DEFINE_integer("max_output_tokens", 1024, "serve: lar
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "serve: requests generated together.")
 
 
-
 def default_workdir(config_path: str) -> str:
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   return os.path.join("workdir", name)
