@@ -170,14 +170,16 @@ class LlamaAttention(nn.Module):
   """Self-attention with RoPE and grouped-query heads: x [B, T, D] → [B, T, D].
 
   q/k/v kernels are flat [D, heads * hd] (head h = columns h*hd:(h+1)*hd, as HF). `mask` [B, 1, T, S] bool.
-  With `kv = (k_cache, v_cache)` [B, Hkv, S, hd] the new k/v are written at slots [kv_index, kv_index + T),
-  attention runs over the whole cache, and the call returns `(out, (k_cache, v_cache))`.
+  With `kv = (k_cache, v_cache)` [L, B, Hkv, S, hd] (the whole cache) and `layer` (this layer's index), the new
+  k/v are written in place at [layer, :, :, kv_index : kv_index + T], attention runs over that layer's cache,
+  and the call returns `(out, (k_cache, v_cache))`.
   """
   config: TextConfig
   runtime: RuntimeOptions
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv=None, kv_index=None):
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv=None, kv_index=None,
+               layer=None):
     cfg, rt = self.config, self.runtime
     h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
     b, t, _ = x.shape
@@ -189,10 +191,15 @@ class LlamaAttention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
     impl = rt.attention_impl
     if kv is not None:  # KV cache: write the new k/v at their slots, attend over the whole cache
+      # Only the T new rows are written (in place: the whole cache is the scan / loop carry, never a scanned
+      # input and stacked output, which copied every layer's cache in and out at each step); one read of
+      # this layer's slice feeds the attention.
       k_cache, v_cache = kv
-      start = (0, 0, kv_index, 0)
-      k = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), start)
-      v = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), start)
+      start = (layer, 0, 0, kv_index, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2)[None].astype(k_cache.dtype), start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2)[None].astype(v_cache.dtype), start)
+      k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
       k = nn.with_logical_constraint(k, ("batch", "act_kv_heads", "length", None))
       v = nn.with_logical_constraint(v, ("batch", "act_kv_heads", "length", None))
       out = attend_cached(q, k, v, mask, impl)
@@ -201,7 +208,7 @@ class LlamaAttention(nn.Module):
     out = checkpoint_name(out.reshape(b, t, h * hd), "attn_out")
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
     out = _dense(cfg.hidden_size, ("heads", "embed"), rt, "o_proj")(out)
-    return out if kv is None else (out, (k, v))
+    return out if kv is None else (out, (k_cache, v_cache))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
@@ -256,23 +263,24 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-  """One block: (x [B, T, D], cos, sin [B, T, hd], mask [B, 1, T, S], kv, kv_index) → (x, kv) (scan's
-  (carry, y)). `kv` None (no cache, S = T) gives y = None; else this layer's (k, v) [B, Hkv, S, hd] cache
-  slice, returned updated."""
+  """One block: (carry, cos, sin [B, T, hd], mask [B, 1, T, S], kv_index, layer) → (carry, None) (scan's
+  (carry, y)). Without a cache (`layer` None) the carry is x [B, T, D]; with one it is (x, (k, v)), the whole
+  cache [L, B, Hkv, S, hd], which this block (number `layer`) updates in place."""
   config: TextConfig
   runtime: RuntimeOptions
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv=None, kv_index=None):
+  def __call__(self, carry, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv_index=None, layer=None):
     cfg, rt = self.config, self.runtime
+    x, kv = (carry, None) if layer is None else carry
     h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
-    attn = LlamaAttention(cfg, rt, name="self_attn")(h, cos, sin, mask, kv, kv_index)
+    attn = LlamaAttention(cfg, rt, name="self_attn")(h, cos, sin, mask, kv, kv_index, layer)
     if kv is not None:
       attn, kv = attn
     x = x + attn
     h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
-    x = x + LlamaMLP(cfg, rt, name="mlp")(h)
-    return nn.with_logical_constraint(x, _EMBED_AXES), kv
+    x = nn.with_logical_constraint(x + LlamaMLP(cfg, rt, name="mlp")(h), _EMBED_AXES)
+    return (x if kv is None else (x, kv)), None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,9 +305,9 @@ class LlamaForCausalLM(nn.Module):
         embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")))
     block = common.wrap_block(LlamaDecoderLayer, rt)
     if rt.scan_layers:
-      # (cos, sin, mask) broadcast; the cache's (k, v) scanned over layers; the cache write index broadcast
+      # (cos, sin, mask) and the cache write index broadcast; the layer number scanned (the cache is carried)
       stack = common.scan_blocks(block, cfg.num_hidden_layers,
-                                 in_axes=(nn.broadcast,) * 3 + (0, nn.broadcast))
+                                 in_axes=(nn.broadcast,) * 4 + (0,))
       self.layers = stack(cfg, rt)
     else:
       self.layers = [block(cfg, rt) for _ in range(cfg.num_hidden_layers)]  # named layers_0, layers_1, ...
@@ -333,7 +341,7 @@ class LlamaForCausalLM(nn.Module):
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
     mask = segment_causal_mask(segment_ids)
     if rt.scan_layers:
-      x, _ = self.layers(x, cos, sin, mask, None, None)
+      x, _ = self.layers(x, cos, sin, mask, None, None)  # layer None: no cache
     else:
       for layer in self.layers:
         x, _ = layer(x, cos, sin, mask)
@@ -370,15 +378,13 @@ class LlamaForCausalLM(nn.Module):
 
     x = nn.with_logical_constraint(inputs_embeds.astype(rt.jnp_dtype), _EMBED_AXES)
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
+    carry = (x, (cache.k, cache.v))
     if rt.scan_layers:
-      x, (k, v) = self.layers(x, cos, sin, mask, (cache.k, cache.v), index)
+      carry, _ = self.layers(carry, cos, sin, mask, index, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
     else:
-      ks, vs = [], []
       for i, layer in enumerate(self.layers):
-        x, (k_i, v_i) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
-        ks.append(k_i)
-        vs.append(v_i)
-      k, v = jnp.stack(ks), jnp.stack(vs)
+        carry, _ = layer(carry, cos, sin, mask, index, i)
+    x, (k, v) = carry
     new_cache = constrain_kv_cache(KVCache(k=k, v=v, valid=valid))
     if last_only:
       x = x[:, -1:]
