@@ -11,9 +11,9 @@ positions restarting per segment). Attention is split into projections + RoPE (`
 kernel on (q, k, v, mask); the KV cache sits between them without touching the param tree.
 
 KV cache (decoding, `LlamaForCausalLM.extend`): an explicit pytree `KVCache(k, v, valid)` passed in and
-returned, never a flax 'cache' collection. k / v are [L, B, Hkv, S, hd] with the layer axis first, so with
-`scan_layers` the scanned block takes its layer's slice as a scanned input (in_axes 0) and returns the
-updated slice as its stacked output, and unscanned layers index it; `valid` [B, S] bool marks the slots that
+returned, never a flax 'cache' collection. k / v are [L, B, Hkv, S, hd] (layer axis first, head-major); the
+whole cache is carried through the layers (scan carry, or the loop's value unscanned) and block `l` writes
+its T new rows at [l, :, :, index:index + T] in place, so a step never copies the cache; `valid` [B, S] bool marks the slots that
 hold real tokens (left padding, unwritten slots). `extend` writes T new tokens at slots [index, index + T)
 (one `index` for the whole batch: rows differ by their positions and `valid`, not by where they write), and
 query slot i sees slot j iff j ≤ i and valid[j] (a padding query sees itself only, so no row is empty).
