@@ -9,8 +9,9 @@ Design (the choices and why):
   padding slots invalid in the cache, so every row's last prompt token sits in slot Tb - 1 and decode step
   i writes slot Tb + i - 1 for all rows (one dynamic index, no scatter). Each row sees exactly the tokens
   and positions it would see alone, so a batch gives the same tokens as its rows one by one.
-- Shape buckets: batch (power of two, times the mesh's data × fsdp), prompt length and max_new_tokens
-  (`bucket_size`: powers of two from 16 up to 512, then multiples of 256), image count (power of two;
+- Shape buckets: batch (power of two, times the mesh's data × fsdp), prompt length (`PROMPT_BUCKETS`: powers
+  of two from 16 up to 256, then multiples of 64) and max_new_tokens (`bucket_size`: powers of two from 16 up
+  to 512, then multiples of 256), image count (power of two;
   padding images are masked out by `image_valid`) and the stop-id list (power of two ≥ 4). The real
   max_new_tokens, sampling settings, seeds and stop ids are traced values, so calls inside one bucket reuse
   one compilation of `_prefill` and one of `_decode`.
@@ -47,6 +48,9 @@ from llava_jax.models.llama import KVCache, constrain_kv_cache, init_kv_cache
 from llava_jax.models.llava import LlavaModel, logical_partition_specs
 
 DEFAULT_STREAM_CHUNK = 8
+# Prompt lengths: powers of two up to 256, then multiples of 64. An image prompt is 256 / 576 placeholders + text,
+# so power-of-two buckets padded a 304-token LLaVA prompt to 512 (68 % more prefill work; bench/README.md).
+PROMPT_BUCKETS = dict(linear_above=256, linear_step=64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -448,7 +452,7 @@ def generate(config: LlavaConfig, params, input_ids=None, pixel_values=None, *, 
   # bucketed, left-padded arrays
   batch_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
   bb = _batch_bucket(b, batch_multiple)
-  tb = bucket_size(max(len(r) for r in rows))
+  tb = bucket_size(max(len(r) for r in rows), **PROMPT_BUCKETS)
   nb = bucket_size(max_new_tokens)
   ids = np.full((bb, tb), pad_id, np.int32)
   mask = np.zeros((bb, tb), np.int32)
