@@ -51,7 +51,7 @@ class Preset:
   data_samples: int   # samples timed in the data-pipeline benchmark
   data_batch: int
   data_workers: int
-  matmul_sizes: tuple
+  matmul_shapes: tuple  # (m, k, n) float32 GEMMs whose best rate is the machine's peak
   warmup: int
   reps: int
   train_reps: int
@@ -77,7 +77,10 @@ FULL = Preset(
     v_hidden=512, v_mlp=2048, v_layers=4, v_heads=8, image_size=224, patch=14,
     t_hidden=512, t_mlp=1408, t_layers=4, t_heads=8, t_kv_heads=8, vocab=32064, image_token=32000,
     train_batch=4, train_text=128, prompt_text=48, decode_new=64, decode_batches=(1, 8), vision_batch=8,
-    data_samples=480, data_batch=8, data_workers=2, matmul_sizes=(1024, 2048, 3072), warmup=2, reps=7,
+    data_samples=480, data_batch=8, data_workers=2,
+    matmul_shapes=((1024, 1024, 1024), (2048, 2048, 2048), (3072, 3072, 3072), (1536, 512, 1408), (1536, 1408, 512),
+                   (1536, 512, 32064), (2056, 512, 2048)),
+    warmup=2, reps=7,
     train_reps=5,
     ckpt_t_hidden=2048, ckpt_t_mlp=5632, ckpt_t_layers=8, ckpt_v_hidden=1024, ckpt_v_mlp=4096,
     ckpt_v_layers=6, ckpt_shard_bytes=1 << 30)
@@ -87,7 +90,7 @@ QUICK = Preset(
     v_hidden=32, v_mlp=64, v_layers=2, v_heads=4, image_size=28, patch=14,
     t_hidden=64, t_mlp=128, t_layers=2, t_heads=4, t_kv_heads=2, vocab=576, image_token=512,
     train_batch=2, train_text=12, prompt_text=8, decode_new=16, decode_batches=(1, 2), vision_batch=2,
-    data_samples=8, data_batch=4, data_workers=0, matmul_sizes=(128,), warmup=1, reps=2, train_reps=2,
+    data_samples=8, data_batch=4, data_workers=0, matmul_shapes=((128, 128, 128), (64, 32, 576)), warmup=1, reps=2, train_reps=2,
     ckpt_t_hidden=64, ckpt_t_mlp=128, ckpt_t_layers=2, ckpt_v_hidden=32, ckpt_v_mlp=64, ckpt_v_layers=2,
     ckpt_shard_bytes=256 << 10)
 

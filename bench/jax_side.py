@@ -1,7 +1,8 @@
 """Our side: llava_jax on the same checkpoint (loaded with `load_pretrained` from the transformers-saved dir).
 
 Benchmarks (each `run()` times one repetition and blocks until the result is ready):
-- matmul_N: jitted `a @ b` on square float32 matrices (the machine's peak, with torch's);
+- matmul_MxKxN: jitted `a @ b` in float32, square and the training step's own GEMM shapes (the machine's peak,
+  with torch's);
 - vision: the jitted CLIP tower returning hidden_states[-2] for `vision_batch` images;
 - prefill: `generate(max_new_tokens=1)` on one image + prompt (time to first token);
 - decode_bB: greedy `generate` with the bucketed KV cache and no stop ids, N and 1 new tokens back to back;
@@ -25,14 +26,14 @@ def _block(x):
   return jax.block_until_ready(x)
 
 
-def matmul_bench(n: int):
+def matmul_bench(m: int, k: int, n: int):
   import jax
   import jax.numpy as jnp
   mm = jax.jit(lambda a, b: a @ b)
-  ka, kb = jax.random.split(jax.random.key(n))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  return common.Bench(lambda: {"s": common.clock(lambda: _block(mm(a, b)))[0]}, lambda: {"flop": 2 * n ** 3})
+  ka, kb = jax.random.split(jax.random.key(m * k + n))
+  a = jax.random.normal(ka, (m, k), jnp.float32)
+  b = jax.random.normal(kb, (k, n), jnp.float32)
+  return common.Bench(lambda: {"s": common.clock(lambda: _block(mm(a, b)))[0]}, lambda: {"flop": 2 * m * k * n})
 
 
 def vision_bench(config, params, p: common.Preset):
@@ -116,7 +117,7 @@ def make_benches(p: common.Preset, args: dict):
   config, params = load_pretrained(args["model_dir"], runtime=RuntimeOptions(**(args.get("runtime") or {})))
   facts = dict(jax=jax.__version__, flax=flax.__version__, devices=[str(d) for d in jax.devices()],
                runtime=dataclasses.asdict(config.runtime), load_s=time.perf_counter() - t0)
-  benches = {f"matmul_{n}": matmul_bench(n) for n in p.matmul_sizes}
+  benches = {"matmul_" + "x".join(map(str, s)): matmul_bench(*s) for s in p.matmul_shapes}
   benches["vision"] = vision_bench(config, params, p)
   benches["prefill"] = prefill_bench(config, params, p)
   for b in p.decode_batches:

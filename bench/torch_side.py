@@ -7,7 +7,7 @@ Benchmarks as in bench/jax_side.py, on the reference's own API:
 - prefill: `generate(max_new_tokens=1)` (time to first token), and the bare forward with `logits_to_keep=1`;
 - decode: greedy `generate` with its KV cache (DynamicCache) and no EOS stop, N and 1 new tokens;
 - vision tower: `vision_tower(pixels, output_hidden_states=True).hidden_states[-2]`;
-- matmul peak: `torch.mm` on square float32 matrices.
+- matmul peak: `torch.mm` on the same float32 shapes.
 """
 from __future__ import annotations
 
@@ -64,10 +64,10 @@ def _tensors(batch: dict):
   return out
 
 
-def matmul_bench(n: int):
+def matmul_bench(m: int, k: int, n: int):
   import torch
-  a, b = torch.randn(n, n), torch.randn(n, n)
-  return common.Bench(lambda: {"s": common.clock(lambda: torch.mm(a, b))[0]}, lambda: {"flop": 2 * n ** 3})
+  a, b = torch.randn(m, k), torch.randn(k, n)
+  return common.Bench(lambda: {"s": common.clock(lambda: torch.mm(a, b))[0]}, lambda: {"flop": 2 * m * k * n})
 
 
 def train_bench(model, p: common.Preset):
@@ -162,7 +162,7 @@ def make_benches(p: common.Preset, args: dict):
   model.generation_config.pad_token_id = 0
   facts.update(transformers=transformers.__version__, load_s=time.perf_counter() - t0,
                attn_implementation=model.config._attn_implementation)
-  benches = {f"matmul_{n}": matmul_bench(n) for n in p.matmul_sizes}
+  benches = {"matmul_" + "x".join(map(str, s)): matmul_bench(*s) for s in p.matmul_shapes}
   benches["vision"] = vision_bench(model, p)
   benches["prefill"] = prefill_bench(model, p)
   benches["prefill_forward"] = prefill_forward_bench(model, p)
