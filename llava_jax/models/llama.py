@@ -15,8 +15,9 @@ returned, never a flax 'cache' collection. k / v are [L, B, Hkv, S, hd] (layer a
 whole cache is carried through the layers (scan carry, or the loop's value unscanned) and block `l` writes
 its T new rows at [l, :, :, index:index + T] in place, so a step never copies the cache; `valid` [B, S] bool
 marks the slots that hold real tokens (left padding, unwritten slots). `extend` writes T new tokens at slots
-[index, index + T) (one `index` for the whole batch: rows differ by their positions and `valid`, not by where they write), and
-query slot i sees slot j iff j ≤ i and valid[j] (a padding query sees itself only, so no row is empty).
+[index, index + T) (one `index` for the whole batch: rows differ by their positions and `valid`, not by where
+they write), and query slot i sees slot j iff j ≤ i and valid[j] (a padding query sees itself only, so no row
+is empty).
 Being plain arrays, the cache jits with any control flow (while_loop carries it), and shards with logical
 constraints like every activation ('batch' over data/fsdp, 'act_kv_heads' over tensor).
 """
