@@ -90,7 +90,8 @@ QUICK = Preset(
     v_hidden=32, v_mlp=64, v_layers=2, v_heads=4, image_size=28, patch=14,
     t_hidden=64, t_mlp=128, t_layers=2, t_heads=4, t_kv_heads=2, vocab=576, image_token=512,
     train_batch=2, train_text=12, prompt_text=8, decode_new=16, decode_batches=(1, 2), vision_batch=2,
-    data_samples=8, data_batch=4, data_workers=0, matmul_shapes=((128, 128, 128), (64, 32, 576)), warmup=1, reps=2, train_reps=2,
+    data_samples=8, data_batch=4, data_workers=0, matmul_shapes=((128, 128, 128), (64, 32, 576)),
+    warmup=1, reps=2, train_reps=2,
     ckpt_t_hidden=64, ckpt_t_mlp=128, ckpt_t_layers=2, ckpt_v_hidden=32, ckpt_v_mlp=64, ckpt_v_layers=2,
     ckpt_shard_bytes=256 << 10)
 

@@ -103,8 +103,8 @@ def build(results: Dict[str, dict], preset: common.Preset) -> dict:
                reference_fraction=_div(ref_achieved, peak), xla_cost_flops=jx["train"]["info"].get("xla_cost_flops"))
     rows.append(_row("train_mfu", "training step FLOP/s vs measured f32 matmul peak", "GFLOP/s",
                      achieved / 1e9, _div(ref_achieved, 1e9), achieved / peak, TARGETS["train_mfu"],
-                     note=f"peak {peak / 1e9:.1f} GFLOP/s (best median rate over jax and torch GEMMs, square and the step's own "
-                          f"shapes); PyTorch column = its "
+                     note=f"peak {peak / 1e9:.1f} GFLOP/s (best median rate over jax and torch GEMMs, square and "
+                          f"the step's own shapes); PyTorch column = its "
                           f"FLOP/s ({(mfu['reference_fraction'] or 0) * 100:.0f} % of peak)"))
   co, gen, ch = results.get("ckpt_ours"), results.get("ckpt_gen"), results.get("ckpt_hf")
   if co and gen:
