@@ -24,28 +24,8 @@ example:
 EOF
 }
 
-die() {
-  echo "local_multiprocess.sh: $*" >&2
-  echo "run 'launch/local_multiprocess.sh --help' for usage" >&2
-  exit 2
-}
-
-quote() {
-  local a=$1
-  if [[ $a =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then
-    printf '%s' "$a"
-  else
-    printf "'%s'" "${a//\'/\'\\\'\'}"
-  fi
-}
-show() {
-  local first=1 a
-  for a in "$@"; do
-    if ((first)); then first=0; else printf ' '; fi
-    quote "$a"
-  done
-  printf '\n'
-}
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" # die, quote, show, need_value
 
 NUM=2
 DEVICES=4
@@ -55,9 +35,6 @@ LOG_DIR=multiprocess_logs
 PYTHON_BIN=${PYTHON:-python3}
 DRY_RUN=0
 MAIN_ARGS=()
-need_value() { # need_value OPTION ARGS_LEFT NEXT_ARG
-  if (($2 < 2)) || [[ $3 == --* ]]; then die "$1 needs a value"; fi
-}
 while (($#)); do
   case "$1" in
     -n | --num-processes) need_value "$1" $# "${2:-}"; NUM=$2; shift 2 ;;

@@ -38,29 +38,10 @@ examples:
 EOF
 }
 
-die() {
-  echo "tpu_pod.sh: $*" >&2
-  echo "run 'launch/tpu_pod.sh --help' for usage" >&2
-  exit 2
-}
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" # die, quote, show, need_value
 
-# Print a command the way a shell would read it back; run it unless --dry-run.
-quote() {
-  local a=$1
-  if [[ $a =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then
-    printf '%s' "$a"
-  else
-    printf "'%s'" "${a//\'/\'\\\'\'}"
-  fi
-}
-show() {
-  local first=1 a
-  for a in "$@"; do
-    if ((first)); then first=0; else printf ' '; fi
-    quote "$a"
-  done
-  printf '\n'
-}
+# run COMMAND...: print it (`+ ...`), then run it unless --dry-run.
 run() {
   printf '+ '
   show "$@"
@@ -97,9 +78,6 @@ case "$1" in
 esac
 shift
 
-need_value() { # need_value OPTION ARGS_LEFT NEXT_ARG
-  if (($2 < 2)) || [[ $3 == --* ]]; then die "$1 needs a value"; fi
-}
 while (($#)); do
   case "$1" in
     --name) need_value "$1" $# "${2:-}"; NAME=$2; shift 2 ;;

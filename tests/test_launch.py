@@ -12,10 +12,10 @@ SCRIPTS = ("tpu_pod.sh", "slurm_gpu.sbatch", "local_multiprocess.sh")
 MAIN = "--config=configs/v15_stage2.py:7b"
 
 
-def sh(script, *args, env=None):
+def sh(script, *args, env=None, cwd=REPO):
   run_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
   run_env.update(env or {})
-  return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=REPO, env=run_env, capture_output=True,
+  return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=cwd, env=run_env, capture_output=True,
                         text=True, timeout=60)
 
 
@@ -24,12 +24,30 @@ def commands(out):
   return [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_shellcheck_clean(script):
+@pytest.mark.parametrize("script", SCRIPTS + ("common.sh",))
+def test_shellcheck_clean(script, tmp_path):
+  """-x follows `source common.sh` (found next to the script, whatever the working directory)."""
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (apt-get install shellcheck); CI installs it")
-  out = subprocess.run(["shellcheck", "--shell=bash", os.path.join(LAUNCH, script)], capture_output=True, text=True)
+  out = subprocess.run(["shellcheck", "-x", "--shell=bash", os.path.join(LAUNCH, script)], cwd=tmp_path,
+                       capture_output=True, text=True)
   assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("script, args", [
+    ("tpu_pod.sh", ("stop", "--name", "x", "--zone", "z", "--dry-run")),
+    ("local_multiprocess.sh", ("--dry-run", "-n", "1", "--", MAIN)),
+])
+def test_runs_from_any_directory(script, args, tmp_path):
+  """The shared helpers (launch/common.sh) are sourced next to the script, not from the working directory; usage
+  errors name the script that failed."""
+  here = sh(script, *args)
+  elsewhere = sh(script, *args, cwd=tmp_path)
+  assert elsewhere.returncode == 0 and elsewhere.stdout == here.stdout and commands(here), elsewhere.stderr
+  out = subprocess.run(["bash", f"./{script}", "--bogus"], cwd=LAUNCH, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and out.stderr.startswith(f"{script}: unknown "), out.stderr
+  assert "'--bogus'" in out.stderr
+  assert f"run 'launch/{script} --help' for usage" in out.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
