@@ -28,6 +28,28 @@ def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> str:
   return out_dir
 
 
+REFERENCE_IMAGE_ID = -200  # the original LLaVA's IMAGE_TOKEN_INDEX
+
+
+def tokenizer_image_token(tokenizer, prompt: str, image_token: int = REFERENCE_IMAGE_ID,
+                          num_image_tokens: int = 1) -> list:
+  """The reference's `tokenizer_image_token` (LLaVA llava/mm_utils.py) as the oracle for our token ids.
+
+  Each chunk between `<image>`s is tokenized alone; when the first chunk starts with BOS, that BOS is kept
+  once at the front and the first token of every chunk is dropped; chunks are joined by the image id.
+  `num_image_tokens` > 1 widens each image id to llava-hf's expanded run of `image_token` placeholders.
+  Returns a list of ints [T].
+  """
+  chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+  offset = int(bool(chunks[0]) and chunks[0][0] == tokenizer.bos_token_id)
+  ids = list(chunks[0][:offset])
+  for j, chunk in enumerate(chunks):
+    if j:
+      ids += [image_token] * num_image_tokens
+    ids += chunk[offset:]
+  return ids
+
+
 def photo(name: str = "astronaut") -> np.ndarray:
   """A real photo as uint8 [H, W, 3] from skimage (offline): astronaut, chelsea or coffee."""
   from skimage import data

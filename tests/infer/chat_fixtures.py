@@ -1,7 +1,8 @@
 """Shared by the chat, server and page tests: a tiny llava-hf checkpoint directory (random transformers weights +
 the tiny tokenizer) that `--checkpoint` loads, and the reference's side of every comparison — the prompt as
-the original LLaVA renders it (`Conversation.get_prompt`, vicuna_v1), its `tokenizer_image_token`, the CLIP
-pixels from transformers' image processor and the answer from transformers' `generate`."""
+the original LLaVA renders it (`Conversation.get_prompt`, vicuna_v1), its `tokenizer_image_token` (one copy, in
+tests/fixtures.py), the CLIP pixels from transformers' image processor and the answer from transformers'
+`generate`."""
 import functools
 import io
 import os
@@ -77,18 +78,6 @@ def reference_prompt(rounds, system=SYSTEM_V1) -> str:
   return out
 
 
-def tokenizer_image_token(tokenizer, prompt: str, num_image_tokens: int, image_token: int = IMAGE_TOKEN):
-  """The reference's tokenizer_image_token, each image id widened to the llava-hf run of placeholders."""
-  ids = []
-  for j, chunk in enumerate(prompt.split("<image>")):
-    part = tokenizer(chunk).input_ids
-    if j:
-      ids += [image_token] * num_image_tokens
-      part = part[1:] if part and part[0] == tokenizer.bos_token_id else part
-    ids += part
-  return ids
-
-
 def hf_pixels(image_path_or_bytes, size: int = 28):
   """transformers' CLIP image processor (PIL backend) → NCHW torch pixels [1, 3, S, S]."""
   from PIL import Image
@@ -104,7 +93,7 @@ def hf_generate(tokenizer, prompt: str, image=None, max_new_tokens: int = 12):
   import torch
   model = hf_model()
   k = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-  ids = torch.tensor([tokenizer_image_token(tokenizer, prompt, k)])
+  ids = torch.tensor([fixtures.tokenizer_image_token(tokenizer, prompt, IMAGE_TOKEN, k)])
   args = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
               eos_token_id=EOS, max_new_tokens=max_new_tokens)
   if image is not None:

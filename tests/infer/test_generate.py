@@ -58,16 +58,10 @@ def hf_generate(ids, pixels_nhwc=None, **kw):
 
 
 def llava_tokenize(tokenizer, text):
-  """The reference's `tokenizer_image_token`: chunks between `<image>`s tokenized alone, BOS kept once, each
-  image a run of num_image_tokens placeholders (llava-hf's expanded form)."""
+  """The reference's `tokenizer_image_token` with each image a run of num_image_tokens placeholders
+  (llava-hf's expanded form) → int32 [T]."""
   k = tiny()[1].num_image_tokens
-  ids = []
-  for j, chunk in enumerate(text.split("<image>")):
-    part = tokenizer(chunk).input_ids
-    if j:
-      ids += [IMAGE_TOKEN] * k
-      part = part[1:] if part and part[0] == tokenizer.bos_token_id else part
-    ids += part
+  ids = fixtures.tokenizer_image_token(tokenizer, text, IMAGE_TOKEN, k)
   assert ids.count(IMAGE_TOKEN) == k * text.count("<image>")
   return np.asarray(ids, np.int32)
 
@@ -328,3 +322,18 @@ def test_streamed_text_is_never_taken_back_on_byte_fallback(tiny_tokenizer):
   assert row.reason == "stop"
   assert "".join(pieces) == row.text == tiny_tokenizer.decode(tokens, skip_special_tokens=True)
   assert "é" in row.text and "日" in row.text
+
+
+def test_reference_tokenizer_image_token_rule(tiny_tokenizer):
+  """The shared oracle follows the reference's rule: BOS once at the front, every later chunk's first token
+  (its BOS) dropped, one image id (or a placeholder run) per `<image>`; no BOS → nothing dropped."""
+  tok = tiny_tokenizer
+  a, b = tok("USER: ").input_ids, tok("\nWhat? ASSISTANT:").input_ids
+  assert a[0] == b[0] == tok.bos_token_id
+  got = fixtures.tokenizer_image_token(tok, "USER: <image>\nWhat? ASSISTANT:")
+  assert got == a + [-200] + b[1:]
+  assert fixtures.tokenizer_image_token(tok, "<image><image>x", 7, 3) == [1, 7, 7, 7, 7, 7, 7] + tok("x").input_ids[1:]
+  no_bos = type(tok).from_pretrained(tok.name_or_path, add_bos_token=False)
+  a2, b2 = no_bos("USER: ").input_ids, no_bos("\nWhat?").input_ids
+  assert a2[0] != tok.bos_token_id
+  assert fixtures.tokenizer_image_token(no_bos, "USER: <image>\nWhat?") == a2 + [-200] + b2
