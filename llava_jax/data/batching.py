@@ -9,9 +9,13 @@ bucket the longest row needs), so a jitted train step compiles once per bucket:
                                 the previous sample)
   segment_ids  int32   [b, T]   0 = padding; 1, 2, ... = the samples of the row, left to right
   positions    int32   [b, T]   0, 1, ... restarting at every segment; 0 on padding
-  pixel_values float32 [n_img, S, S, 3]  the images of the batch in the row-major order of their placeholder
-                                runs (row 0's first), then zero padding slots
+  pixel_values float32 [n_img, S, S, 3]  the CLIP-normalized images of the batch in the row-major order of their
+                                placeholder runs (row 0's first), then zero padding slots
   image_valid  bool    [n_img]  True on real images (they come first)
+
+Samples carry their images as uint8 `pixels [k, S, S, 3]` (resized / cropped / padded, see data/transforms.py);
+`assemble` gathers them into one uint8 array and normalizes the real slots once per batch
+(`image.normalize_batch`, bit-identical to `image.preprocess` per image); padding slots stay 0.0.
 
 Padding mode: one sample per row, T = the smallest bucket length that holds the longest row.
 Packing mode: T = max_length; a sample goes to the FIRST row of the open batch with room for it (first-fit);
@@ -24,6 +28,8 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from llava_jax.data import image as image_lib
 
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_valid")
 
@@ -67,6 +73,7 @@ class BatchSpec:
   buckets: padding-mode row lengths (ascending, last = max_length).
   packing: pack several samples per row.
   pad_id: the id written on padding tokens.
+  image_mean, image_std: the normalization applied to the batch's uint8 pixels (CLIP's by default).
   """
   rows: int
   image_slots: int
@@ -75,6 +82,8 @@ class BatchSpec:
   buckets: Tuple[int, ...]
   packing: bool = False
   pad_id: int = 0
+  image_mean: Tuple[float, ...] = image_lib.CLIP_MEAN
+  image_std: Tuple[float, ...] = image_lib.CLIP_STD
 
   def __post_init__(self):
     if self.rows < 1:
@@ -88,8 +97,8 @@ class BatchSpec:
 class BatchBuilder:
   """An open batch: samples are offered one by one; `add` says whether the sample was taken.
 
-  Samples are dicts with `input_ids` int32 [t], `loss_mask` bool [t], `pixel_values` float32 [k, S, S, 3]
-  (k = number of images, in placeholder order).
+  Samples are dicts with `input_ids` int32 [t], `loss_mask` bool [t], `pixels` uint8 [k, S, S, 3]
+  (k = number of images, in placeholder order; not yet normalized).
   """
 
   def __init__(self, spec: BatchSpec):
@@ -114,7 +123,7 @@ class BatchBuilder:
     """Take `sample` if it fits (a row with room and enough free image slots); False leaves the batch as is."""
     s = self.spec
     n = int(sample["input_ids"].shape[0])
-    k = int(sample["pixel_values"].shape[0])
+    k = int(sample["pixels"].shape[0])
     if n > s.max_length:
       raise ValueError(f"sample of {n} tokens > max_length={s.max_length} (the encoder truncates to it)")
     if self.num_images + k > s.image_slots:
@@ -149,7 +158,7 @@ def assemble(rows: Sequence[Sequence[dict]], spec: BatchSpec) -> Dict[str, np.nd
   loss_mask = np.zeros((b, t), np.bool_)
   segment_ids = np.zeros((b, t), np.int32)
   positions = np.zeros((b, t), np.int32)
-  pixel_values = np.zeros((spec.image_slots, s, s, 3), np.float32)
+  pixels = np.zeros((spec.image_slots, s, s, 3), np.uint8)
   image_valid = np.zeros((spec.image_slots,), np.bool_)
   img = 0
   for r, row in enumerate(rows):
@@ -163,16 +172,20 @@ def assemble(rows: Sequence[Sequence[dict]], spec: BatchSpec) -> Dict[str, np.nd
       loss_mask[r, start] = False  # a segment's first token is never predicted from inside it
       segment_ids[r, start:start + n] = seg
       positions[r, start:start + n] = np.arange(n, dtype=np.int32)
-      pix = x["pixel_values"]
+      pix = x["pixels"]
       k = int(pix.shape[0])
       if k:
         if img + k > spec.image_slots:
           raise ValueError(f"batch holds more than {spec.image_slots} images")
         if pix.shape[1:] != (s, s, 3):
           raise ValueError(f"image of shape {pix.shape[1:]} in a batch of {s}x{s} images")
-        pixel_values[img:img + k] = pix
+        if pix.dtype != np.uint8:
+          raise ValueError(f"sample pixels must be uint8 (resized, not yet normalized), got {pix.dtype}")
+        pixels[img:img + k] = pix
         image_valid[img:img + k] = True
         img += k
       start += n
+  pixel_values = np.zeros((spec.image_slots, s, s, 3), np.float32)
+  image_lib.normalize_batch(pixels[:img], spec.image_mean, spec.image_std, out=pixel_values[:img])
   return {"input_ids": input_ids, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions,
           "pixel_values": pixel_values, "image_valid": image_valid}

@@ -11,6 +11,11 @@ when torchvision is absent) value for value: shortest-edge bicubic resize with P
 (a square canvas of the background colour `tuple(int(m * 255) for m in mean)` = (122, 116, 104), image pasted
 at offset `(long - short) // 2`). Output is NHWC float32 `[image_size, image_size, 3]`.
 
+The two halves are public so the input pipeline can split them: `preprocess_uint8` (resize / crop / pad, the
+per-sample work, uint8 `[S, S, 3]`, what the data workers ship) and `normalize` (rescale + normalize). For
+batches, `normalize_batch` gives the same float32 values bit for bit through a 256-entry table per channel
+built with `normalize` itself (one gather per channel instead of five float passes).
+
 RGB conversion follows the reference: LLaVA does `Image.open(path).convert('RGB')`, which drops alpha (the
 colour under transparent pixels is kept). transformers 5 instead composites transparency onto white; pass
 `alpha_background=(255, 255, 255)` for that. 16-bit grayscale ('I;16', 'I') is scaled to 8 bits (v / 257),
@@ -18,6 +23,7 @@ where PIL's `convert` would clip every value above 255 to white.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -154,6 +160,17 @@ def preprocess(image: Union[Image.Image, np.ndarray], *, image_size: int, aspect
   image: PIL image (any mode, converted with `to_rgb`) or uint8 array accepted by `load_image`.
   aspect_ratio: 'square' (CLIPImageProcessor as is: shortest-edge resize + centre crop) or 'pad'
     (LLaVA v1.5: `expand2square` with `pad_background(mean)` first).
+  Equal to `normalize(preprocess_uint8(image, ...), mean, std)`.
+  """
+  pixels = preprocess_uint8(image, image_size=image_size, aspect_ratio=aspect_ratio, mean=mean)
+  return normalize(pixels, mean, std)
+
+
+def preprocess_uint8(image: Union[Image.Image, np.ndarray], *, image_size: int, aspect_ratio: str = "square",
+                     mean: Sequence[float] = CLIP_MEAN) -> np.ndarray:
+  """The image as CLIPImageProcessor has it just before rescale + normalize: uint8 `[image_size, image_size, 3]`.
+
+  Same arguments as `preprocess` (`mean` only sets the 'pad' background colour).
   """
   if aspect_ratio not in ASPECT_RATIOS:
     raise ValueError(f"aspect_ratio={aspect_ratio!r}; choose one of {ASPECT_RATIOS}")
@@ -170,18 +187,20 @@ def preprocess(image: Union[Image.Image, np.ndarray], *, image_size: int, aspect
     if side * side > MAX_WORK_PIXELS:
       image = _shrink_long_side(image, math.isqrt(MAX_WORK_PIXELS))
     image = expand2square(image, pad_background(mean))
-  pixels = _resize_shortest_and_crop(image, int(image_size))
-  return normalize(pixels, mean, std)
+  return _resize_shortest_and_crop(image, int(image_size))
 
 
 def preprocess_batch(images: Iterable[Union[Image.Image, np.ndarray]], *, image_size: int,
                      aspect_ratio: str = "square", mean: Sequence[float] = CLIP_MEAN,
                      std: Sequence[float] = CLIP_STD) -> np.ndarray:
-  """`preprocess` over several images, stacked: float32 `[N, image_size, image_size, 3]` (N may be 0)."""
-  out = [preprocess(im, image_size=image_size, aspect_ratio=aspect_ratio, mean=mean, std=std) for im in images]
+  """`preprocess` over several images, stacked: float32 `[N, image_size, image_size, 3]` (N may be 0).
+
+  Resizes each image, then normalizes the stack once (`normalize_batch`); values equal `preprocess`'s.
+  """
+  out = [preprocess_uint8(im, image_size=image_size, aspect_ratio=aspect_ratio, mean=mean) for im in images]
   if not out:
     return np.zeros((0, image_size, image_size, 3), np.float32)
-  return np.stack(out)
+  return normalize_batch(np.stack(out), mean, std)
 
 
 def normalize(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
@@ -189,6 +208,34 @@ def normalize(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
   """uint8 `[..., 3]` -> float32 `(pixels / 255 - mean) / std`, rounding exactly as transformers does."""
   scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
   return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: Tuple[float, ...], std: Tuple[float, ...]) -> np.ndarray:
+  """float32 `[3, 256]`: row c holds `normalize` of the values 0..255 in channel c (read-only)."""
+  levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+  table = np.ascontiguousarray(normalize(levels, mean, std).T)
+  table.setflags(write=False)
+  return table
+
+
+def normalize_batch(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
+  """`normalize` for uint8 `[..., 3]` (e.g. a batch `[N, S, S, 3]`), bit-identical, through a lookup table.
+
+  out: optional float32 array of the same shape to write into (returned).
+  """
+  pixels = np.asarray(pixels)
+  if pixels.dtype != np.uint8 or pixels.ndim < 1 or pixels.shape[-1] != 3:
+    raise ValueError(f"normalize_batch expects uint8 [..., 3] pixels, got {pixels.dtype} {pixels.shape}")
+  if out is None:
+    out = np.empty(pixels.shape, np.float32)
+  elif out.shape != pixels.shape or out.dtype != np.float32:
+    raise ValueError(f"out must be float32 {pixels.shape}, got {out.dtype} {out.shape}")
+  table = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+  for c in range(3):
+    out[..., c] = table[c][pixels[..., c]]
+  return out
 
 
 def _open_and_load(fileobj, max_pixels, sample_id, what: str) -> Image.Image:

@@ -2,9 +2,17 @@
 
     source ─ shuffle(seed; reseeded per epoch) ─ trim to a multiple of process_count ─ [process_index::count]
       ─ repeat(num_epochs) ─ map(EncodeSample)              (MapDataset: random access, index-deterministic)
-      ─ to_iter_dataset (read threads) ─ mp_prefetch(worker_count)   (decode + preprocess in worker processes)
+      ─ to_iter_dataset (read threads) ─ mp_prefetch(worker_count)   (decode + resize / crop / pad to uint8
+                                                                      pixels in worker processes)
       ─ BatchIterDataset                                   (main process: skip accounting, grouping, padding /
-                                                            packing into fixed shapes, see data/batching.py)
+                                                            packing into fixed shapes, one vectorized CLIP
+                                                            normalization per batch, see data/batching.py)
+
+Workers ship uint8 pixels (150 kB per 224 px image, not 600 kB of float32) and the main process normalizes
+each batch with a lookup table; batches hold CLIP-normalized float32 `pixel_values` equal to
+`image.preprocess` per image. Batching stays in the main process: grain's `mp_prefetch` gives each worker a
+slice (i::worker_count) of the elements, so batching there would make batch contents depend on worker_count
+and scatter skip counts, `last_ids` and the open-batch state over the workers.
 
 Determinism. Every stage before the batcher is a pure function of the element index and bad samples travel as
 skip markers instead of being filtered, so the element stream — and hence every batch — is the same for any
@@ -191,7 +199,7 @@ class BatchIterator(grain.DatasetIterator):
   # ----------------------------------------------------------------------------------------------- private
 
   def _group(self, element: dict) -> _Group:
-    key = ("image" if element["pixel_values"].shape[0] else "text") if self._group_by_modality else "all"
+    key = ("image" if element["pixels"].shape[0] else "text") if self._group_by_modality else "all"
     if key not in self._groups:
       self._groups[key] = _Group(self.spec)
     return self._groups[key]
@@ -215,7 +223,7 @@ class BatchIterator(grain.DatasetIterator):
 
   def _raise_unfit(self, element: dict):
     raise ValueError(f"sample {element['id']!r} ({element['input_ids'].shape[0]} tokens, "
-                     f"{element['pixel_values'].shape[0]} images) does not fit an empty batch of {self.spec}")
+                     f"{element['pixels'].shape[0]} images) does not fit an empty batch of {self.spec}")
 
   def _emit(self, g: _Group) -> Dict[str, np.ndarray]:
     batch = g.builder.assemble()

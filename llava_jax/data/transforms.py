@@ -7,9 +7,14 @@ A record is `{"id", "conversations", "image": str | [str] (paths under image_roo
 array] (in memory), "meta"}`; in-memory `images` take precedence over `image` paths.
 
 Output element (a dict), one of
-  sample: {"id": str, "input_ids": int32 [t], "loss_mask": bool [t], "pixel_values": float32 [k, S, S, 3]}
+  sample: {"id": str, "input_ids": int32 [t], "loss_mask": bool [t], "pixels": uint8 [k, S, S, 3]}
   skip:   {"id": str, "skip": reason, "message": str}      (reason ∈ errors.REASONS; message without the
                                                             "[reason] sample id:" prefix)
+`pixels` are the images resized / cropped / padded (`image.preprocess_uint8`), NOT yet rescaled and
+normalized: a quarter of the float32 bytes to ship from a worker, and the normalization runs once per batch,
+vectorized, when the batch is assembled (data/batching.py), giving the same float32 `pixel_values` as
+`image.preprocess` per image. The key is deliberately not `pixel_values`, which everywhere else means
+CLIP-normalized float32, so nothing can take one for the other.
 Bad samples are never dropped here: the marker travels to the main process, which counts, logs and (in strict
 mode) raises, so the counts are exact whatever the number of workers and the element order does not depend
 on it.
@@ -96,7 +101,6 @@ class EncodeSample(grain.transforms.Map):
     self.max_pixels = max_pixels
     self.max_images = max_images
 
-
   def encode(self, record: dict) -> dict:
     """record → sample dict; raises SampleError for bad data (the conversation is checked before any image
     is decoded, so a sample with both faults counts under the conversation's reason)."""
@@ -109,12 +113,12 @@ class EncodeSample(grain.transforms.Map):
     enc = encode_conversation(record.get("conversations"), self.template, self.tokenizer,
                               num_image_tokens=self.num_image_tokens, image_token_index=self.image_token_index,
                               max_length=self.max_length, num_images=len(sources), sample_id=sid)
-    pixels = np.zeros((len(sources), self.image_size, self.image_size, 3), np.float32)
+    pixels = np.zeros((len(sources), self.image_size, self.image_size, 3), np.uint8)
     for i, src in enumerate(sources):
       img = load_image(src, image_root=self.image_root, max_pixels=self.max_pixels, sample_id=sid)
-      pixels[i] = image_lib.preprocess(img, image_size=self.image_size, aspect_ratio=self.aspect_ratio)
+      pixels[i] = image_lib.preprocess_uint8(img, image_size=self.image_size, aspect_ratio=self.aspect_ratio)
     return {"id": str(sid), "input_ids": np.asarray(enc.input_ids, np.int32),
-            "loss_mask": np.asarray(enc.loss_mask, np.bool_), "pixel_values": pixels}
+            "loss_mask": np.asarray(enc.loss_mask, np.bool_), "pixels": pixels}
 
   def map(self, record: dict) -> dict:
     try:
