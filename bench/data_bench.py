@@ -2,8 +2,11 @@
 
 Both read the same `SyntheticShapesSource` (PIL-drawn scenes at the model's image size), run the same per-sample
 transform (`EncodeSample`: vicuna_v1 template, tokenization with loss masks from spans, CLIP preprocessing) in
-`workers` worker processes, and batch `data_batch` samples. The DataLoader's collate pads to the longest row;
-ours builds fixed-shape bucketed batches (data/batching.py) and keeps skip accounting and resumable state.
+`workers` worker processes, and batch `data_batch` samples. The transform's images are uint8 (resized and
+cropped); both sides CLIP-normalize once per batch with the same `image.normalize_batch`, so both produce
+float32 pixel values. The DataLoader's collate pads to the longest row and runs in its workers; ours builds
+fixed-shape bucketed batches (data/batching.py) in the main process and keeps skip accounting and resumable
+state.
 Timed: samples per second after the first batch (worker start-up reported separately).
 """
 from __future__ import annotations
@@ -95,7 +98,8 @@ def _collate(samples):
   for r, s in enumerate(samples):
     n = len(s["input_ids"])
     ids[r, :n], mask[r, :n], att[r, :n] = s["input_ids"], s["loss_mask"], 1
-  px = np.concatenate([s["pixel_values"] for s in samples]).transpose(0, 3, 1, 2)
+  from llava_jax.data.image import normalize_batch
+  px = normalize_batch(np.concatenate([s["pixels"] for s in samples])).transpose(0, 3, 1, 2)
   labels = np.where(mask, ids, -100)
   return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(att),
               labels=torch.from_numpy(labels), pixel_values=torch.from_numpy(np.ascontiguousarray(px)))
