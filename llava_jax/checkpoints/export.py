@@ -3,15 +3,20 @@
 `multi_modal_projector.linear_{1,2}.*`, which transformers 4.x and 5.x both load), config.json, and the
 tokenizer files when a tokenizer is given.
 
+The paper's 'linear' projector is exported exactly in llava-hf's fixed two-layer form: linear_1 = our Dense,
+`projector_hidden_act='linear'` (transformers' identity activation), linear_2 = the identity matrix with zero
+bias; loading such a directory collapses it back to 'linear' (checkpoints/hf.py).
+
 Tensors are produced one param leaf at a time and written in shards of at most `max_shard_bytes`
 (`model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -19,20 +24,24 @@ from llava_jax.checkpoints.clip_keys import clip_key_specs
 from llava_jax.checkpoints.llama_keys import llama_key_specs
 from llava_jax.checkpoints.projector_keys import projector_key_specs
 from llava_jax.checkpoints.reader import SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
-from llava_jax.checkpoints.table import KeySpec, export_tensors
+from llava_jax.checkpoints.table import KeySpec, export_tensors, get_in
 from llava_jax.config import LlavaConfig, dtype_name
 
 HUB_TEXT_PREFIX = "language_model.model."
 HUB_HEAD_KEY = "language_model.lm_head.weight"
 HUB_VISION_PREFIX = "vision_tower.vision_model."
 HUB_PROJECTOR_PREFIX = "multi_modal_projector."
+# llava-hf's projector is always linear_1 → act → linear_2; ours maps onto it as:
+HF_PROJECTOR_ACT = {"mlp2x_gelu": "gelu",  # exact (erf) GELU, as LLaVA v1.5
+                    "linear": "linear"}  # identity act, linear_2 = I with zero bias (identity_linear_2)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 _DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def llava_hf_key_specs(config: LlavaConfig) -> List[KeySpec]:
-  """Every tensor of the llava-hf hub layout for this config, as key-table rows."""
+  """Every tensor of the llava-hf hub layout that comes from a param, as key-table rows (for a 'linear'
+  projector that is all but linear_2, which `identity_linear_2` adds)."""
   return (clip_key_specs(config.vision, prefix=HUB_VISION_PREFIX)
           + projector_key_specs(config, style="hf", prefix=HUB_PROJECTOR_PREFIX)
           + llama_key_specs(config.text, prefix=HUB_TEXT_PREFIX, lm_head_key=HUB_HEAD_KEY))
@@ -66,7 +75,8 @@ def llava_hf_config_dict(config: LlavaConfig, dtype: str) -> Dict[str, Any]:
       "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
       "text_config": text, "vision_config": vision,
       "image_token_index": config.image_token_index, "image_seq_length": config.num_image_tokens,
-      "projector_hidden_act": "gelu", "multimodal_projector_bias": config.projector_bias,
+      "projector_hidden_act": HF_PROJECTOR_ACT[config.projector_type],
+      "multimodal_projector_bias": config.projector_bias,
       "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
       "vision_feature_select_strategy": config.vision_feature_select_strategy,
       "tie_word_embeddings": t.tie_word_embeddings, "torch_dtype": dtype,
@@ -75,13 +85,25 @@ def llava_hf_config_dict(config: LlavaConfig, dtype: str) -> Dict[str, Any]:
 
 def check_exportable(config: LlavaConfig) -> None:
   """llava-hf can express only part of what we run; say what does not fit."""
-  if config.projector_type != "mlp2x_gelu":
+  if config.projector_type not in HF_PROJECTOR_ACT:
     raise ValueError(f"projector_type {config.projector_type!r} cannot be exported to llava-hf: "
-                     "LlavaForConditionalGeneration has exactly two projector layers (mlp2x_gelu)")
+                     "LlavaForConditionalGeneration's projector is exactly linear_1 → act → linear_2, which holds "
+                     "'mlp2x_gelu' and 'linear' (identity act and linear_2) only")
   if not 0 <= config.image_token_index < config.text.vocab_size:
     raise ValueError(f"image_token_index {config.image_token_index} is outside the vocabulary "
                      f"[0, {config.text.vocab_size}); llava-hf looks the placeholder up in the embedding table. "
                      "Add an <image> token (grow embed_tokens / lm_head) and set config.image_token_index first")
+
+
+def identity_linear_2(config: LlavaConfig, dtype) -> Iterator[Tuple[str, np.ndarray]]:
+  """The llava-hf tensors that make linear_2 a no-op for a 'linear' projector: weight = I [D, D] and, with
+  projector bias, bias = 0 [D] (D = text hidden size), in `dtype`. Nothing for other projectors."""
+  if config.projector_type != "linear":
+    return
+  d = config.text.hidden_size
+  yield f"{HUB_PROJECTOR_PREFIX}linear_2.weight", np.eye(d, dtype=dtype)
+  if config.projector_bias:
+    yield f"{HUB_PROJECTOR_PREFIX}linear_2.bias", np.zeros((d,), dtype)
 
 
 def write_safetensors(path: str, tensors: List[Tuple[str, np.ndarray]], metadata: Optional[dict] = None) -> None:
@@ -130,7 +152,10 @@ def export_hf(config: LlavaConfig, params: dict, out_dir: str, tokenizer: Any = 
     shards[-1] = []
 
   weight_map: Dict[str, int] = {}
-  for key, arr in export_tensors(llava_hf_key_specs(config), params, config.runtime.scan_layers):
+  projector_dtype = get_in(params, ("multi_modal_projector", "linear_1", "kernel")).dtype
+  tensors = itertools.chain(export_tensors(llava_hf_key_specs(config), params, config.runtime.scan_layers),
+                            identity_linear_2(config, target or np.dtype(projector_dtype)))
+  for key, arr in tensors:
     arr = np.asarray(arr) if target is None else np.asarray(arr).astype(target)
     seen_dtype = seen_dtype or arr.dtype
     if size and size + arr.nbytes > max_shard_bytes:
