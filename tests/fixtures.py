@@ -17,14 +17,11 @@ TOKENIZER_CORPUS = [
 
 
 def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> str:
-  """Train a SentencePiece BPE model with LLaMA's special ids into `out_dir/tokenizer.model`."""
-  import sentencepiece as spm
-  path = os.path.join(out_dir, "tokenizer.model")
-  if not os.path.exists(path):
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TOKENIZER_CORPUS * 20), model_prefix=os.path.join(out_dir, "tokenizer"),
-        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+  """The runtime's `train_tokenizer` (SentencePiece BPE, byte fallback, LLaMA's ids unk 0 / bos 1 / eos 2, pad =
+  unk, right padding) on TOKENIZER_CORPUS into `out_dir` (once); returns out_dir."""
+  from llava_jax.data.tokenizer import train_tokenizer
+  if not os.path.exists(os.path.join(out_dir, "tokenizer.model")):
+    train_tokenizer(TOKENIZER_CORPUS * 20, out_dir, vocab_size=vocab_size)
   return out_dir
 
 
