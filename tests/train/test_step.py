@@ -18,7 +18,7 @@ from llava_jax import parallel
 from llava_jax.train import optim
 from llava_jax.train import sharding as shd
 from llava_jax.train.state import create_train_state, split_params
-from llava_jax.train.step import make_eval_step, make_train_step, next_token_targets
+from llava_jax.train.step import loss_row_budget, make_eval_step, make_train_step, next_token_targets, token_stats
 from tests import fixtures
 
 STAGE1 = r"multi_modal_projector/.*"
@@ -286,3 +286,130 @@ def test_mesh_and_batch_errors_say_what_to_change(setup):
     shd.check_image_slots(dict(batch, image_valid=IMAGE_VALID & (np.arange(8) != 0)),
                           setup.config.num_image_tokens, setup.config.image_token_index)
   shd.check_image_slots(batch, setup.config.num_image_tokens, setup.config.image_token_index)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss head computes logits only at supervised positions (a per-row budget, falling back to all positions).
+
+CB, CT = 8, 40  # every row holds one image (16 placeholders): budget = round_up(40 − 16, 8) = 24 positions per row
+CAP = 24
+
+
+def compact_batch(config, seed, long_text_row=None):
+  """CB rows of one image each (unless `long_text_row`: that row is text-only with 30 supervised tokens, more
+  than the budget, and its image slot is padding). Supervised spans of varying length at the row ends."""
+  rs = np.random.RandomState(seed)
+  k_img, img = config.num_image_tokens, config.image_token_index
+  ids = np.zeros((CB, CT), np.int32)
+  loss_mask = np.zeros((CB, CT), bool)
+  seg = np.zeros((CB, CT), np.int32)
+  for r in range(CB):
+    text_only = r == long_text_row
+    head = [1] + ([] if text_only else [2 + r % 3] * 2 + [img] * k_img)
+    length = CT if text_only else rs.randint(len(head) + 6, CT + 1)
+    ids[r, :length] = head + list(rs.randint(3, 120, length - len(head)))
+    seg[r, :length] = 1
+    n_sup = 31 if text_only else rs.randint(1, length - len(head))
+    loss_mask[r, length - n_sup:length] = True
+  valid = np.array([r != long_text_row for r in range(CB)])
+  return dict(input_ids=ids, loss_mask=loss_mask, segment_ids=seg,
+              positions=np.tile(np.arange(CT, dtype=np.int32), (CB, 1)),
+              pixel_values=rs.randn(CB, 28, 28, 3).astype(np.float32), image_valid=valid)
+
+
+def one_step(config, params, batch, shape, k, patterns, freeze="vision_tower/.*", chunk=0):
+  mesh = parallel.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+  state = create_train_state(config, OPT, mesh, 0, trainable_patterns=patterns, freeze=freeze, params=params)
+  step = make_train_step(config, OPT, mesh, micro_batches=k, chunked_loss=chunk, compiler_options=FAST)
+  lowered = step.lower(state, batch).as_text()
+  state, metrics = step(state, batch)
+  return jax.device_get(metrics), jax.device_get(state), lowered
+
+
+def assert_matches_hf(ref, m, s, patterns, freeze="vision_tower/.*"):
+  assert int(m["tokens"]) == ref["tokens"]
+  np.testing.assert_allclose(m["loss"], ref["loss"], rtol=2e-6)
+  np.testing.assert_allclose(m["accuracy"], ref["accuracy"], atol=1e-7)
+  trainable, _ = split_params(ref["grads"], patterns, freeze=freeze)
+  assert_grads_match(grads_of(s), ref["grads"], paths=flat(trainable).keys())
+
+
+def test_loss_row_budget():
+  assert loss_row_budget(40, 8, 8, 16) == CAP
+  assert loss_row_budget(384, 4, 4, 256) == 128  # the bench's rows: 128 text tokens after 256 placeholders
+  assert loss_row_budget(1200, 16, 8, 576) == 48  # two images per row (336 px)
+  assert loss_row_budget(700, 16, 8, 576) == 8  # more placeholders than positions: at least 1, rounded up
+  assert loss_row_budget(48, 8, 16, 16) == 48  # fewer image slots than rows: no compaction
+  assert loss_row_budget(45, 4, 4, 16) == 32 and loss_row_budget(45, 4, 4, 16, multiple=64) == 45
+
+
+def test_compacted_loss_matches_transformers(setup):
+  """Every row fits the budget: logits at CB·24 positions instead of CB·40, same loss, accuracy and grads."""
+  batch = compact_batch(setup.config, 20)
+  ref = hf_reference(setup.model, setup.config, batch)
+  assert ref["sup"].sum(1).max() <= CAP
+  m, s, lowered = one_step(setup.config, setup.params, batch, (1, 1, 1), 1, STAGE2)
+  assert int(m["logit_positions"]) == CB * CAP
+  assert_matches_hf(ref, m, s, STAGE2)
+  assert "stablehlo.case" in lowered  # the fallback branch exists
+
+
+def test_compaction_falls_back_per_micro_batch(setup):
+  """A text-only row with 30 supervised tokens (> 24) in micro-batch 1 of 2: that micro-batch computes all CT
+  positions, the other compacts. Everything trainable (the vision vjp path), chunked loss (5), sharded."""
+  batch = compact_batch(setup.config, 21, long_text_row=7)
+  ref = hf_reference(setup.model, setup.config, batch)
+  assert ref["sup"][7].sum() > CAP and ref["sup"][0::2].sum(1).max() <= CAP
+  m, s, _ = one_step(setup.config, setup.params, batch, (2, 2, 2), 2, ".*", freeze=None, chunk=5)
+  assert int(m["logit_positions"]) == (CB // 2) * CAP + (CB // 2) * CT
+  assert_matches_hf(ref, m, s, ".*", freeze=None)
+  assert np.abs(flat(grads_of(s))["vision_tower/encoder/layers/mlp/fc1/kernel"]).max() > 0
+
+
+def test_compacted_frozen_head_chunked_micro_batches(setup):
+  """Stage 1 (lm_head frozen: only d hidden is formed) with 2 micro-batches and chunks of 8 on a (1, 2, 2) mesh."""
+  batch = compact_batch(setup.config, 22)
+  ref = hf_reference(setup.model, setup.config, batch)
+  m, s, _ = one_step(setup.config, setup.params, batch, (1, 2, 2), 2, STAGE1, chunk=8)
+  assert int(m["logit_positions"]) == CB * CAP
+  assert_matches_hf(ref, m, s, STAGE1)
+
+
+def test_text_only_batch_has_no_branch(setup):
+  batch = compact_batch(setup.config, 23)
+  batch = dict(batch, input_ids=np.where(batch["input_ids"] == setup.config.image_token_index, 5,
+                                         batch["input_ids"]))
+  del batch["pixel_values"], batch["image_valid"]
+  ref = hf_reference(setup.model, setup.config, dict(batch, pixel_values=np.zeros((0, 28, 28, 3), np.float32),
+                                                     image_valid=np.zeros(0, bool)))
+  m, s, lowered = one_step(setup.config, setup.params, batch, (1, 1, 1), 1, STAGE2)
+  assert int(m["logit_positions"]) == CB * CT
+  assert_matches_hf(ref, m, s, STAGE2)
+  assert "stablehlo.case" not in lowered
+
+
+def test_tied_embeddings_compacted():
+  """Tied head: the embedding table's gradient sums the lookup's and the logits' parts."""
+  model = fixtures.tiny_hf_llava(seed=4, text=dict(tie_word_embeddings=True))
+  config = fixtures.llava_config_from_hf_model(model, scan_layers=True)
+  assert config.text.tie_word_embeddings
+  params = fixtures.llava_params_from_hf_model(model, config)
+  batch = compact_batch(config, 24)
+  ref = hf_reference(model, config, batch)
+  m, s, _ = one_step(config, params, batch, (2, 1, 1), 1, STAGE2, chunk=16)
+  assert int(m["logit_positions"]) == CB * CAP
+  assert_matches_hf(ref, m, s, STAGE2)
+
+
+def test_accuracy_counts_ties_for_the_max():
+  """correct = target logit ≥ max logit (one reduction shared with logsumexp): argmax except on exact ties."""
+  logits = jnp.array([[[1.0, 3.0, 3.0, 0.0], [0.5, 2.0, 1.0, -1.0], [4.0, 1.0, 2.0, 0.0]]])
+  targets = jnp.array([[2, 1, 3]])
+  weights = jnp.array([[True, True, True]])
+  ce, correct = token_stats(logits, targets, weights)
+  assert float(correct) == 2.0  # the tie (index 2 ties the max, argmax would say 1) and the plain hit
+  want = torch.nn.functional.cross_entropy(torch.tensor(np.asarray(logits[0])), torch.tensor([2, 1, 3]),
+                                           reduction="sum")
+  np.testing.assert_allclose(float(ce), want.item(), rtol=1e-6)
+  ce_w, correct_w = token_stats(logits, targets, jnp.array([[False, True, False]]))
+  assert float(correct_w) == 1.0
