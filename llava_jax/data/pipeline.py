@@ -64,6 +64,11 @@ logger = logging.getLogger(__name__)
 
 LOG_FIRST_SKIPS = 10
 LOG_EVERY_SKIPS = 1000
+# Arrays smaller than this travel from the worker processes pickled through grain's queue instead of one
+# shared-memory segment each (grain's default is 0: every array, even a 2 kB input_ids, gets a segment to
+# create, map and unlink). Measured on the bench data task: ~1 ms less CPU per sample, workers and main
+# process together, with 150 kB uint8 images.
+MIN_SHM_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -328,6 +333,7 @@ def make_dataset(source: Sequence[dict], *, tokenizer, template, image_size: int
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
   if worker_count > 0:
     _mark_flags_parsed()
+    it = grain.experimental.WithOptionsIterDataset(it, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES))
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=worker_buffer_size))
   return BatchIterDataset(it, spec=spec, group_by_modality=group_by_modality, strict=strict,
