@@ -178,7 +178,8 @@ class _ScannedEncoderLayer(CLIPEncoderLayer):
 
 
 class CLIPEncoder(nn.Module):
-  """The L blocks: params under `layers` (scanned, leading [L]) or `layers_{i}`."""
+  """The L blocks: params under `layers` (scanned, leading [L]) or `layers_{i}`. Either way only the blocks up to
+  the deepest requested hidden state run (LLaVA's -2 skips the last block)."""
   config: VisionConfig
   runtime: RuntimeOptions
 
@@ -196,15 +197,21 @@ class CLIPEncoder(nn.Module):
         states.append(block(cfg, rt, name=f"layers_{i}")(states[-1]))
       return jnp.stack([states[j] for j in layers])
 
-    # Scanned: all L blocks run (the params are one stacked leaf); only requested states are stored.
+    # Scanned: only the first `depth` blocks run (a scan over that slice of the stacked [L, ...] params; the
+    # param tree keeps all L), and only the requested states are stored.
+    depth = num if self.is_initializing() else max(layers)
+    if depth == 0:
+      return jnp.stack([h] * len(layers))
     wanted = sorted(set(layers))
     slot_of = {j: s for s, j in enumerate(wanted)}
     scratch = len(wanted)
-    num_slots = len(wanted) + (1 if len(wanted) < num + 1 else 0)
-    table = np.array([slot_of.get(j, scratch) for j in range(num + 1)], np.int32)
+    num_slots = len(wanted) + (1 if len(wanted) < depth + 1 else 0)
+    table = np.array([slot_of.get(j, scratch) for j in range(depth + 1)], np.int32)
     buf = jnp.zeros((num_slots,) + h.shape, h.dtype)
     buf = jax.lax.dynamic_update_index_in_dim(buf, h, int(table[0]), 0)
-    stack = common.scan_blocks(common.wrap_block(_ScannedEncoderLayer, rt), num, in_axes=(0,))
+    stack = common.scan_blocks(common.wrap_block(_ScannedEncoderLayer, rt), depth, in_axes=(0,))
+    if depth < num:
+      stack = nn.map_variables(stack, "params", trans_in_fn=lambda v: jax.tree.map(lambda x: x[:depth], v))
     (_, buf), _ = stack(cfg, rt, name="layers")((h, buf), jnp.asarray(table[1:]))
     order = [slot_of[j] for j in layers]
     if order == list(range(len(order))):

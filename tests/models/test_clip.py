@@ -3,6 +3,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,6 +103,30 @@ def test_unscanned_stops_at_deepest_requested_layer(ref28):
   del params["encoder"]["layers_2"]  # the last block is never reached for layers=(-2,)
   out = run(ref28.config, RuntimeOptions(scan_layers=False), params, ref28.pixels, layers=(-2,))
   np.testing.assert_allclose(out[0], ref28.hidden[-2], atol=1e-4, rtol=0)
+
+
+def _scan_lengths(jaxpr) -> list:
+  """Lengths of every `scan` in a (closed) jaxpr, nested ones included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      out.append(eqn.params["length"])
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _scan_lengths(sub)
+  return out
+
+
+@pytest.mark.parametrize("layers,depth", [((-2,), 2), ((1, 0), 1), ((0,), 0), ((-1, -2), 3)])
+def test_scanned_stops_at_deepest_requested_layer(ref28, layers, depth):
+  """The scan runs only the blocks up to the deepest requested state (a slice of the stacked params; the tree
+  keeps all L): hidden_states[-2] scans 2 of the 3 blocks and still equals HF's."""
+  rt = RuntimeOptions(scan_layers=True)
+  params = ref28.params(True)
+  model = CLIPVisionTransformer(ref28.config, rt)
+  jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, layers=layers))(params, ref28.pixels)
+  assert _scan_lengths(jaxpr.jaxpr) == ([depth] if depth else [])
+  out = run(ref28.config, rt, params, ref28.pixels, layers=layers)
+  np.testing.assert_allclose(out, ref28.hidden[list(layers)], atol=1e-4, rtol=0)
 
 
 def test_pooled_output_uses_post_layernorm(ref28):
