@@ -165,16 +165,18 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
                             chunked_loss=tcfg.chunked_loss, state_shardings=state_shardings(state))
   writer = metrics_lib.MetricsWriter(workdir)
   preempted = checkpointing.PreemptionFlag().install()
-  state, final_loss, last_step = _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer,
-                                            preempted, start, steps)
-  was_preempted = last_step < steps and (preempted.is_set() or ckpt.reached_preemption(last_step))
-  preempted.uninstall()
-  if last_step >= steps:
-    from llava_jax.checkpoints.orbax_params import save_params
-    save_params(os.path.join(workdir, PARAMS_DIR), state.full_params())
-  ckpt.close()
-  writer.close()
-  pipeline.close()
+  try:  # a failing step still releases the workers, the async checkpointer and the event files
+    state, final_loss, last_step = _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer,
+                                              preempted, start, steps)
+    was_preempted = last_step < steps and (preempted.is_set() or ckpt.reached_preemption(last_step))
+    if last_step >= steps:
+      from llava_jax.checkpoints.orbax_params import save_params
+      save_params(os.path.join(workdir, PARAMS_DIR), state.full_params())
+  finally:
+    preempted.uninstall()
+    ckpt.close()
+    writer.close()
+    pipeline.close()
   plot = metrics_lib.plot_loss_curve(workdir)
   if plot:
     _say(f"loss curve: {plot}")
@@ -188,7 +190,7 @@ def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, pre
   peak = metrics_lib.device_peak_flops()
   progress = _progress(start, steps)
   config_dict = {**config.to_dict(), MODEL_CONFIG_KEY: model_config.to_dict()}
-  window_tokens, window_start, last = 0, time.perf_counter(), None
+  window_tokens, window_start = 0, time.perf_counter()
   final_loss, step = None, start
   for step in range(start + 1, steps + 1):
     try:

@@ -174,13 +174,27 @@ def test_resume_after_a_crash_redoes_the_steps_since_the_last_checkpoint(run_a, 
       return step_fn(state, batch)
     return step
 
+  real_make_pipeline, pipelines = loop.make_pipeline, []
+
+  closed = []
+
+  def recording_pipeline(*args, **kwargs):
+    pipe = real_make_pipeline(*args, **kwargs)
+    real_close = pipe.close
+    pipe.close = lambda: (closed.append(pipe), real_close())
+    pipelines.append(pipe)
+    return pipe
+
+  handler_before = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(loop, "make_train_step", make_crashing_step)
+  monkeypatch.setattr(loop, "make_pipeline", recording_pipeline)
   with pytest.raises(RuntimeError, match="simulated crash"):
     loop.train(tiny_config(), workdir, tokenizer_workdir=tokenizer_root)
-  monkeypatch.setattr(loop, "make_train_step", real_make_train_step)
-  deadline = time.monotonic() + 60  # the async save of step 2 finishes in the background
-  while _checkpoint_steps(workdir) != [2] and time.monotonic() < deadline:
-    time.sleep(0.2)
+  monkeypatch.undo()
+  # train() cleaned up on the way out: the pipeline closed, the SIGTERM handler restored and the async save
+  # of step 2 finished (the checkpointer was closed, which waits for it).
+  assert closed == pipelines and len(pipelines) == 1
+  assert signal.getsignal(signal.SIGTERM) == handler_before
   assert _checkpoint_steps(workdir) == [2]
 
   result = loop.train(tiny_config(), workdir, tokenizer_workdir=tokenizer_root)
