@@ -74,7 +74,8 @@ def data_section(**kw) -> ml_collections.ConfigDict:
       source="llava_json",        # llava_json | scienceqa | synthetic | tfds
       json_path="", image_root="", scienceqa_root="", split="train",
       tfds_name="", tfds_data_dir="", tfds_adapter="",
-      synthetic_samples=0, synthetic_caption=False, synthetic_multi_turn=False,
+      synthetic_samples=0, synthetic_caption=False, synthetic_multi_turn=False, synthetic_max_turns=3,
+      synthetic_caption_positions=False,
       tokenizer="",               # directory with tokenizer files ('' = the language model's dir)
       template="vicuna_v1",
       image_aspect_ratio="square",  # square | pad

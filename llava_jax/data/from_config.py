@@ -37,6 +37,8 @@ def build_source(data, model_config: LlavaConfig, *, split: Optional[str] = None
     return SyntheticShapesSource(n, seed=int(data.get("synthetic_seed", 0) if seed is None else seed),
                                  image_size=model_config.vision.image_size,
                                  multi_turn=bool(data.synthetic_multi_turn),
+                                 max_turns=int(data.get("synthetic_max_turns", 3)),
+                                 caption_positions=bool(data.get("synthetic_caption_positions", False)),
                                  style="caption" if data.synthetic_caption else "qa")
   if kind == "tfds":
     if not data.tfds_name:

@@ -477,3 +477,16 @@ def test_coco_captions_adapter():
   assert rec["conversations"] == [{"from": "human", "value": "<image>\nDescribe the image briefly."},
                                   {"from": "gpt", "value": "A dog on a couch."}]
   assert rec["images"] == [buf.getvalue()]
+
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_synthetic_captions_with_positions_match_the_pixels(grid):
+  """caption_positions=True: each drawn shape, in row-major cell order, followed by the name of its cell."""
+  src = sources.SyntheticShapesSource(20, seed=2, image_size=96, style="caption", grid=grid, caption_positions=True)
+  names = synthetic.position_names(grid)
+  for i in range(len(src)):
+    rec = src[i]
+    scene = _scene_from_pixels(rec["images"][0], grid)
+    parts = [f"a {c} {s} at the {names[r][col]}" for (r, col), (c, s) in sorted(scene.items())]
+    expected = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    assert rec["conversations"][1]["value"] == rec["meta"]["caption"] == expected

@@ -14,7 +14,9 @@ Questions (answers are one short phrase, fully determined by the image):
   position "Where is the {color} {shape}?" (only for a colour+shape pair that occurs once) -> "top left"
   exists   "Is there a {color} {shape}?"                     -> "yes" / "no"
 style='caption' gives stage-1 (plain template) samples: the caption lists the shapes in row-major cell order,
-"a red circle", "a red circle and a blue square", "a red circle, a blue square and a green triangle".
+"a red circle", "a red circle and a blue square", "a red circle, a blue square and a green triangle"; with
+caption_positions=True each shape is followed by its cell, "a red circle at the top left and a blue square at
+the bottom right" (captions that bind what to where, which the questions then ask about).
 
 Sample i depends only on (seed, i) (numpy SeedSequence([seed, i])), so any worker regenerates it identically.
 """
@@ -51,9 +53,11 @@ def position_names(grid: int) -> List[List[str]]:
   raise ValueError(f"grid={grid}; choose 2 or 3")
 
 
-def caption_of(objects: Sequence[dict]) -> str:
-  """'a red circle', 'a red circle and a blue square', 'a red circle, a blue square and a green triangle'."""
-  parts = [f"a {o['color']} {o['shape']}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]
+def caption_of(objects: Sequence[dict], with_positions: bool = False) -> str:
+  """'a red circle', 'a red circle and a blue square', 'a red circle, a blue square and a green triangle';
+  with_positions: 'a red circle at the top left and a blue square at the bottom right'."""
+  where = lambda o: f" at the {o['position']}" if with_positions else ""
+  parts = [f"a {o['color']} {o['shape']}{where(o)}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]
   return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -80,6 +84,7 @@ class SyntheticShapesSource:
   multi_turn: False -> one question per sample; True -> 2..max_turns distinct questions (one conversation).
   grid: 2 (4 positions) or 3 (9 positions); max_shapes: 1..grid*grid shapes per image (default min(4, cells)).
   kinds: the question kinds to draw from (QUESTION_KINDS).
+  caption_positions: captions name each shape's cell ('a red circle at the top left').
 
   Record: {"id": "shapes-{seed}-{i}", "conversations": [...] ("<image>\\n" opens the first human turn),
   "images": [PIL RGB image], "meta": {"questions": [...], "answers": [...] (one per gpt turn, the exact
@@ -89,7 +94,7 @@ class SyntheticShapesSource:
 
   def __init__(self, num_samples: int, seed: int = 0, *, image_size: int = 224, multi_turn: bool = False,
                max_turns: int = 3, style: str = "qa", grid: int = 2, max_shapes: int | None = None,
-               kinds: Sequence[str] = QUESTION_KINDS):
+               kinds: Sequence[str] = QUESTION_KINDS, caption_positions: bool = False):
     if num_samples < 0:
       raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if style not in ("qa", "caption"):
@@ -108,6 +113,7 @@ class SyntheticShapesSource:
     self.num_samples, self.seed, self.image_size = int(num_samples), int(seed), int(image_size)
     self.multi_turn, self.max_turns, self.style = bool(multi_turn), int(max_turns), style
     self.grid, self.max_shapes, self.kinds = int(grid), int(max_shapes), tuple(kinds)
+    self.caption_positions = bool(caption_positions)
     self.image_root = None
 
   def __len__(self) -> int:
@@ -118,7 +124,7 @@ class SyntheticShapesSource:
     rng = np.random.default_rng(np.random.SeedSequence([self.seed, i]))
     objects = self._scene(rng)
     image = draw_scene(objects, self.image_size)
-    caption = caption_of(objects)
+    caption = caption_of(objects, self.caption_positions)
     if self.style == "caption":
       prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
       qa = [("caption", prompt, caption)]
