@@ -223,26 +223,55 @@ def vision_forward_flops(p: Preset, n_images: int, layers_needed: Optional[int] 
   return float(n_images * (patch + layers * per_layer))
 
 
-def decoder_forward_flops(p: Preset, batch: int, length: int, image_tokens: int) -> float:
+def decoder_forward_flops(p: Preset, batch: int, length: int, image_tokens: int,
+                          lm_head_positions: Optional[int] = None) -> float:
   """Projector (on the image tokens) + LLaMA forward over [batch, length] (attention over all T² pairs,
-  as both implementations compute it) + lm_head over every position."""
+  as both implementations compute it) + lm_head over `lm_head_positions` (default: every position)."""
   d, f, h = p.t_hidden, p.t_mlp, p.t_hidden // p.t_heads
   kv = p.t_kv_heads * h
   proj = 2 * image_tokens * (p.v_hidden * d + d * d)
   dense = 2 * (2 * d * d + 2 * d * kv + 3 * d * f)
   attn = 2 * 2 * length * d
-  per_token = p.t_layers * (dense + attn) + 2 * d * p.vocab
-  return float(proj + batch * length * per_token)
+  head_positions = batch * length if lm_head_positions is None else lm_head_positions
+  return float(proj + batch * length * p.t_layers * (dense + attn) + head_positions * 2 * d * p.vocab)
+
+
+LOSS_ROW_MULTIPLE = 8  # llava_jax.train.step.LOSS_ROW_MULTIPLE
+LOSS_ELEMENTWISE_PER_LOGIT = 7  # max, subtract, exp, sum; softmax = e / Σ, − onehot, × weight
+
+
+def lm_head_positions(p: Preset) -> int:
+  """Positions of the training batch whose logits llava_jax's step computes: B · cap_row, cap_row = T − K·⌊N/B⌋
+  rounded up to 8 (`llava_jax.train.step.loss_row_budget`; every bench row has one image and fewer supervised
+  tokens than that, so the step takes its compact branch). jax_side checks it against the step's
+  `logit_positions` metric, so this count cannot silently drift from what runs."""
+  b = train_batch(p)
+  bsz, t = b["input_ids"].shape
+  n_images = b["pixel_values"].shape[0]
+  cap = max(t - p.num_patches * (n_images // bsz), 1)
+  cap = min(-(-cap // LOSS_ROW_MULTIPLE) * LOSS_ROW_MULTIPLE, t)
+  return bsz * cap
 
 
 def train_step_flops(p: Preset) -> Dict[str, float]:
-  """Model FLOPs of one training step: frozen vision forward + 3 × (projector + decoder) (forward and the
-  two backward matmuls per weight). AdamW's elementwise work is not counted."""
+  """FLOPs of one llava_jax training step (the MFU numerator): frozen vision forward through the L−1 blocks
+  it runs + 3 × (projector + decoder forward + lm_head at the positions the step computes logits for: forward
+  and the two backward matmuls per weight) + the loss's elementwise work on those logits
+  (LOSS_ELEMENTWISE_PER_LOGIT per logit). AdamW, norms and softmax inside attention are not counted.
+
+  `conventional_total`: the usual model-FLOPs count with the lm_head over every position and no loss work
+  (what a step computing logits everywhere, e.g. PyTorch's, executes)."""
   b = train_batch(p)
   bsz, t = b["input_ids"].shape
+  k = bsz * p.num_patches
+  positions = lm_head_positions(p)
   vis = vision_forward_flops(p, bsz)
-  dec = decoder_forward_flops(p, bsz, t, bsz * p.num_patches)
-  return dict(vision_forward=vis, decoder_forward=dec, total=vis + 3 * dec)
+  dec = decoder_forward_flops(p, bsz, t, k, lm_head_positions=positions)
+  loss = float(LOSS_ELEMENTWISE_PER_LOGIT * positions * p.vocab)
+  conventional = vis + 3 * decoder_forward_flops(p, bsz, t, k)
+  return dict(vision_forward=vis, decoder_forward=dec, lm_head_positions=positions, all_positions=bsz * t,
+              lm_head_forward=float(positions * 2 * p.t_hidden * p.vocab), loss_elementwise=loss,
+              total=vis + 3 * dec + loss, conventional_total=conventional)
 
 
 # ---------------------------------------------------------------------------------------------------------

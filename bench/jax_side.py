@@ -7,7 +7,8 @@ Benchmarks (each `run()` times one repetition and blocks until the result is rea
 - prefill: `generate(max_new_tokens=1)` on one image + prompt (time to first token);
 - decode_bB: greedy `generate` with the bucketed KV cache and no stop ids, N and 1 new tokens back to back;
 - train: `make_train_step` (token-weighted CE, AdamW with warmup-cosine and clipping, vision tower frozen,
-  projector + LLM trained) on a one-device mesh.
+  projector + LLM trained) on a one-device mesh; checks that the positions its lm_head ran on (metric
+  `logit_positions`) are the ones `common.train_step_flops` counts.
 """
 from __future__ import annotations
 
@@ -97,15 +98,22 @@ def train_bench(config, params, p: common.Preset):
     xla_flops = float(cost["flops"])
   except Exception as e:  # best effort
     xla_flops = f"unavailable: {type(e).__name__}: {e}"
-  holder = {"state": state, "losses": []}
+  holder = {"state": state, "losses": [], "positions": set()}
 
   def one():
     holder["state"], metrics = step(holder["state"], batch)
     holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
+    holder["positions"].add(int(metrics["logit_positions"]))
 
-  return common.Bench(lambda: {"s": common.clock(one)[0]},
-                      lambda: {"tokens_per_step": int(b["input_ids"].size), "first_loss": holder["losses"][0],
-                               "xla_cost_flops": xla_flops})
+  def info():
+    counted = common.lm_head_positions(p)
+    if holder["positions"] != {counted}:  # the MFU numerator must count what ran
+      raise RuntimeError(f"the step computed logits at {sorted(holder['positions'])} positions but "
+                         f"common.train_step_flops counts {counted}: update bench/common.lm_head_positions")
+    return {"tokens_per_step": int(b["input_ids"].size), "first_loss": holder["losses"][0],
+            "xla_cost_flops": xla_flops, "logit_positions": counted}
+
+  return common.Bench(lambda: {"s": common.clock(one)[0]}, info)
 
 
 def make_benches(p: common.Preset, args: dict):
