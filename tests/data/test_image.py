@@ -107,6 +107,63 @@ def test_preprocess_batch_stacks():
   assert image_lib.preprocess_batch([], image_size=56).shape == (0, 56, 56, 3)
 
 
+def _hf_uint8_processor(size):
+  """The same PIL processor with rescale and normalize off: the resized + cropped image, uint8."""
+  from transformers import CLIPImageProcessorPil
+  return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                               do_rescale=False, do_normalize=False)
+
+
+@pytest.mark.parametrize("aspect_ratio", ["square", "pad"])
+def test_uint8_half_then_batch_normalize_matches_clip_image_processor(aspect_ratio):
+  """What the data workers ship (`preprocess_uint8`) is the processor's image before rescale + normalize,
+  and `normalize_batch` over the stacked batch gives the processor's float32 pixels."""
+  size = 56
+  processor, processor_uint8 = _hf_processor(size), _hf_uint8_processor(size)
+  background = image_lib.pad_background()
+  images, want, want_uint8 = [], [], []
+  for name in PHOTOS:
+    for crop_name, crop in _crops(fixtures.photo(name)).items():
+      if crop_name in ("tiny", "1x1"):
+        continue
+      pil = Image.fromarray(np.ascontiguousarray(crop))
+      ref_input = _reference_expand2square(pil, background) if aspect_ratio == "pad" else pil
+      ours = image_lib.preprocess_uint8(pil, image_size=size, aspect_ratio=aspect_ratio)
+      ref_uint8 = _hf_pixels(processor_uint8, ref_input)
+      assert ours.dtype == np.uint8 and ours.shape == (size, size, 3)
+      assert ref_uint8.dtype == np.uint8
+      np.testing.assert_array_equal(ours, ref_uint8, err_msg=f"{name}/{crop_name}")
+      images.append(ours)
+      want.append(_hf_pixels(processor, ref_input))
+  batch = image_lib.normalize_batch(np.stack(images))
+  assert batch.dtype == np.float32 and batch.shape == (len(images), size, size, 3)
+  np.testing.assert_allclose(batch, np.stack(want), atol=1e-5, rtol=0)
+
+
+def test_normalize_batch_is_normalize_bit_for_bit():
+  """Every uint8 level in every channel (the table is exhaustive), a photo batch, custom mean/std, `out=`."""
+  a, b = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+  levels = np.stack([a, b, (a + 3 * b) % 256], -1).astype(np.uint8)  # [256, 256, 3]: every level, every channel
+  assert all(len(np.unique(levels[..., c])) == 256 for c in range(3))
+  np.testing.assert_array_equal(image_lib.normalize_batch(levels), image_lib.normalize(levels))
+  # the formula written out as transformers' rescale (float64 multiply, cast) then normalize in float32
+  x = levels.astype(np.float64) * (1 / 255)
+  want = (x.astype(np.float32) - np.float32(image_lib.CLIP_MEAN)) / np.float32(image_lib.CLIP_STD)
+  np.testing.assert_array_equal(image_lib.normalize_batch(levels), want)
+  photos = np.stack([fixtures.photo(n)[:300, :400] for n in PHOTOS])
+  mean, std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
+  out = np.full(photos.shape, np.nan, np.float32)
+  assert image_lib.normalize_batch(photos, mean, std, out=out) is out
+  np.testing.assert_array_equal(out, image_lib.normalize(photos, mean, std))
+  assert image_lib.normalize_batch(photos[:0]).shape == (0, 300, 400, 3)
+  with pytest.raises(ValueError, match="uint8"):
+    image_lib.normalize_batch(photos.astype(np.float32))
+  with pytest.raises(ValueError, match="uint8"):
+    image_lib.normalize_batch(photos[..., :2])
+  with pytest.raises(ValueError, match="out must be"):
+    image_lib.normalize_batch(photos, out=np.zeros(photos.shape, np.float64))
+
+
 def test_bounded_resize_stays_within_one_level(monkeypatch):
   """Extreme aspect ratios take a bounded path; it must agree with the reference to one 8-bit level."""
   processor = _hf_processor(224)

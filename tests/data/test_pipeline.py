@@ -194,6 +194,99 @@ def test_in_memory_images_from_the_synthetic_source(tiny_tokenizer):
       np.testing.assert_array_equal(batch["input_ids"][r, :len(enc.input_ids)], enc.input_ids)
 
 
+# ------------------------------------------------------------------------------------------------ photos
+
+def _photo_records():
+  """Real photos (skimage astronaut / chelsea / coffee) in landscape, portrait and square crops, in memory;
+  one text-only sample and one two-image sample so padding slots and image order are exercised."""
+  from tests import fixtures
+  records = []
+  for name in ("astronaut", "chelsea", "coffee"):
+    photo = fixtures.photo(name)
+    h, w = photo.shape[:2]
+    for crop_name, crop in (("wide", photo[: h // 3]), ("tall", photo[:, : w // 4 + 1]), ("full", photo)):
+      records.append({"id": f"{name}-{crop_name}", "images": [np.ascontiguousarray(crop)],
+                      "conversations": _turns(f"What is in {name}?", f"A {crop_name} photo.", image=True)})
+  records.insert(4, {"id": "text", "conversations": _turns("Say hi.", "Hi.")})
+  records.insert(7, {"id": "two", "images": [records[0]["images"][0], records[8]["images"][0]],
+                     "conversations": _turns("What is this?", "A photo.", image=True)
+                     + _turns("And this one <image>", "Another photo.")})
+  return records
+
+
+def _clip_reference(images, aspect_ratio, size=IMAGE_SIZE):
+  """transformers' CLIPImageProcessorPil per image (after the reference's expand2square for 'pad'):
+  (float32 pixels [k, S, S, 3], uint8 resized images [k, S, S, 3] from the processor without rescale and
+  normalize)."""
+  from tests.data.test_image import _hf_pixels, _hf_processor, _hf_uint8_processor, _reference_expand2square
+  processor, processor_uint8 = _hf_processor(size), _hf_uint8_processor(size)
+  floats, uint8s = [], []
+  for array in images:
+    pil = Image.fromarray(array)
+    if aspect_ratio == "pad":
+      pil = _reference_expand2square(pil, image_lib.pad_background())
+    floats.append(_hf_pixels(processor, pil))
+    uint8s.append(_hf_pixels(processor_uint8, pil))
+  return np.stack(floats), np.stack(uint8s)
+
+
+def _check_photo_batches(batches, by_id, aspect_ratio, image_slots):
+  for batch, ids in batches:
+    assert batch["pixel_values"].dtype == np.float32
+    images = [im for row in ids for sid in row for im in by_id[sid].get("images", [])]
+    k = len(images)
+    assert batch["image_valid"].tolist() == [True] * k + [False] * (image_slots - k)
+    if k:
+      want, _ = _clip_reference(images, aspect_ratio)
+      np.testing.assert_allclose(batch["pixel_values"][:k], want, atol=1e-5, rtol=0, err_msg=str(ids))
+    assert not batch["pixel_values"][k:].any()  # padding slots are 0.0, not a normalized black image
+
+
+@pytest.mark.parametrize("aspect_ratio", ["square", "pad"])
+def test_batches_equal_clip_image_processor_on_photos(tiny_tokenizer, aspect_ratio):
+  """Pixel batches (uint8 per sample, normalized once per batch) equal transformers' CLIPImageProcessor run
+  on each photo alone, image by image in placeholder order, with zero padding slots."""
+  records = _photo_records()
+  by_id = {r["id"]: r for r in records}
+  it = pipeline.make_pipeline(records, num_epochs=1, shuffle=False, aspect_ratio=aspect_ratio,
+                              max_images_per_sample=2, **_kw(tiny_tokenizer, global_batch_size=2, max_pixels=None))
+  batches = drain(it)
+  assert sorted(flat(batches)) == sorted(by_id)
+  assert any(len(ids) < 2 or not batch["image_valid"].all() for batch, ids in batches)  # padding slots seen
+  _check_photo_batches(batches, by_id, aspect_ratio, it.spec.image_slots)
+
+
+def test_workers_send_uint8_pixels_and_batches_are_normalized_after(tiny_tokenizer):
+  """With 2 worker processes, the elements that cross the process boundary carry uint8 `pixels` equal to the
+  processor's resized image (no float pixels at all), and the batches equal the processor's float32 output."""
+  records = _photo_records()
+  by_id = {r["id"]: r for r in records}
+  ds = pipeline.make_dataset(records, num_epochs=1, aspect_ratio="pad", worker_count=2, max_images_per_sample=2,
+                             **_kw(tiny_tokenizer, global_batch_size=2, max_pixels=None))
+  received = []
+
+  def record(element):  # runs in this process, on what the workers sent
+    received.append(element)
+    return element
+
+  it = iter(pipeline.BatchIterDataset(ds.parents[0].map(record), spec=ds.spec))
+  try:
+    batches = drain(it)
+  finally:
+    it.close()
+  assert sorted(e["id"] for e in received) == sorted(by_id)
+  for element in received:
+    assert "pixel_values" not in element
+    assert not any(np.issubdtype(v.dtype, np.floating) for v in element.values() if isinstance(v, np.ndarray))
+    images = by_id[element["id"]].get("images", [])
+    assert element["pixels"].dtype == np.uint8
+    assert element["pixels"].shape == (len(images), IMAGE_SIZE, IMAGE_SIZE, 3)
+    if images:
+      np.testing.assert_array_equal(element["pixels"], _clip_reference(images, "pad")[1])
+  assert sorted(flat(batches)) == sorted(by_id)
+  _check_photo_batches(batches, by_id, "pad", ds.spec.image_slots)
+
+
 # ------------------------------------------------------------------------------------------------ order
 
 def test_shuffle_is_seeded_and_differs_per_epoch(corpus, tiny_tokenizer):
