@@ -97,8 +97,8 @@ class _Group:
 class BatchIterator(grain.DatasetIterator):
   """Per-host batches of fixed shapes (see data/batching.py) with exact skip accounting and resumable state.
 
-  Extra public API: `skip_counts()`, `metrics()`, `samples_seen`, `batches_produced`, `last_ids` (the sample ids of the last
-  batch, one list per row), `spec` (a BatchSpec: rows, image slots, buckets).
+  Extra public API: `skip_counts()`, `metrics()`, `samples_seen`, `batches_produced`, `last_ids` (the sample ids of
+  the last batch, one list per row), `spec` (a BatchSpec: rows, image slots, buckets, normalization).
   """
 
   def __init__(self, parent: grain.DatasetIterator, *, spec: batching.BatchSpec, group_by_modality: bool,
