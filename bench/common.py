@@ -259,8 +259,9 @@ def train_step_flops(p: Preset) -> Dict[str, float]:
   and the two backward matmuls per weight) + the loss's elementwise work on those logits
   (LOSS_ELEMENTWISE_PER_LOGIT per logit). AdamW, norms and softmax inside attention are not counted.
 
-  `conventional_total`: the usual model-FLOPs count with the lm_head over every position and no loss work
-  (what a step computing logits everywhere, e.g. PyTorch's, executes)."""
+  `conventional_total`: the usual model-FLOPs count with the lm_head over every position and no loss work.
+  `reference_total`: what a step computing logits and loss everywhere (PyTorch's) executes, counted the same
+  way as `total`."""
   b = train_batch(p)
   bsz, t = b["input_ids"].shape
   k = bsz * p.num_patches
@@ -269,9 +270,10 @@ def train_step_flops(p: Preset) -> Dict[str, float]:
   dec = decoder_forward_flops(p, bsz, t, k, lm_head_positions=positions)
   loss = float(LOSS_ELEMENTWISE_PER_LOGIT * positions * p.vocab)
   conventional = vis + 3 * decoder_forward_flops(p, bsz, t, k)
+  reference = conventional + float(LOSS_ELEMENTWISE_PER_LOGIT * bsz * t * p.vocab)
   return dict(vision_forward=vis, decoder_forward=dec, lm_head_positions=positions, all_positions=bsz * t,
               lm_head_forward=float(positions * 2 * p.t_hidden * p.vocab), loss_elementwise=loss,
-              total=vis + 3 * dec + loss, conventional_total=conventional)
+              total=vis + 3 * dec + loss, conventional_total=conventional, reference_total=reference)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,6 +49,12 @@ def test_quick_run_writes_a_complete_report(tmp_path):
                       mfu["model_flops_per_step"]["total"]
                       / doc["raw"]["jax"]["benches"]["train"]["summary"]["s"]["median"], rel_tol=1e-9)
   assert mfu["peak_flops"] == max(mfu["peak_jax"], mfu["peak_torch"])
+  # PyTorch is credited with the lm_head at every position (what it runs), ours with what ours runs
+  flops = mfu["model_flops_per_step"]
+  assert flops["reference_total"] >= flops["total"] and flops["lm_head_positions"] <= flops["all_positions"]
+  assert math.isclose(mfu["reference_achieved_flops"],
+                      flops["reference_total"]
+                      / doc["raw"]["torch"]["benches"]["train"]["summary"]["s"]["median"], rel_tol=1e-9)
 
   # every child ran with the thread environment the report states
   for task, facts in doc["meta"]["child_facts"].items():
