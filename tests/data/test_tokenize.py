@@ -8,6 +8,7 @@ import pytest
 from llava_jax.data import conversation as C
 from llava_jax.data import tokenize as T
 from llava_jax.data.errors import SampleError
+from tests.fixtures import tokenizer_image_token
 
 IGNORE = -100
 REF_IMAGE_ID = -200
@@ -16,16 +17,8 @@ REF_IMAGE_ID = -200
 # ---------------------------------------------------------------------------------------------- oracle
 
 def ref_tokenizer_image_token(tok, prompt):
-  """The reference's tokenization: split at <image>, tokenize each chunk with its BOS, keep one BOS at the
-  front, drop the first token of every chunk, put one -200 between chunks."""
-  chunk_ids = [tok(chunk).input_ids for chunk in prompt.split("<image>")]
-  skip = int(bool(chunk_ids[0]) and chunk_ids[0][0] == tok.bos_token_id)
-  out = chunk_ids[0][:1] if skip else []
-  for k, ids in enumerate(chunk_ids):
-    if k:
-      out.append(REF_IMAGE_ID)
-    out += ids[skip:]
-  return out
+  """The reference's tokenization (one -200 per <image>): the shared oracle in tests/fixtures.py."""
+  return tokenizer_image_token(tok, prompt, image_token=REF_IMAGE_ID)
 
 
 def ref_rounds_labels(tok, prompt, answer_sep, round_sep="</s>"):
