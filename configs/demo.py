@@ -1,12 +1,18 @@
 """The embedded demo (the README's main command): a small LLaVA trained from scratch on the synthetic shapes
-data, stage 1 (captions, projector only) then stage 2 (visual QA, projector + LLM), then evaluated on held-out
-questions. No downloads; minutes on a 2-core CPU.
+data, stage 1 (captions) then stage 2 (visual QA, projector + LLM), then evaluated on held-out questions. No
+downloads; minutes on a 2-core CPU.
 
 What is real: the whole data path (templates, span masks, CLIP preprocessing, grain), the two-stage recipe
 with the vision tower frozen, the token-weighted loss, orbax checkpoints and resume, metrics and plots.
 What is scaled down: every size, and the learning rates (a from-scratch toy needs larger steps than
 fine-tuning Vicuna). The vision tower is random and frozen, as LLaVA freezes CLIP: the projector and the
-decoder learn to read random-but-fixed patch features, which carry colour, shape and position.
+decoder learn to read random-but-fixed patch features, which carry colour, shape and (weakly) position.
+
+One deliberate difference from LLaVA's recipe: LLaVA's stage 1 trains the projector only because its LLM is
+a pretrained Vicuna (configs/paper_stage1.py, v15_stage1.py do exactly that). The demo's decoder is random,
+so its stage 1 trains projector + decoder on captions that say what is where ("a red circle at the top left
+and ..."), standing in for the language pretraining the demo cannot download; stage 2 is LLaVA's.
+Stage 2 samples carry up to 6 questions (more supervised answer tokens per row for the same step cost).
 """
 import ml_collections
 
@@ -32,10 +38,10 @@ def get_config(arg: str = ""):
       mesh=(-1, 1, 1))
   c.stages = ("stage1", "stage2")
   c.stage1 = ml_collections.ConfigDict(dict(
-      data=dict(synthetic_caption=True, template="plain"),
-      train=dict(trainable=r.STAGE1_TRAINABLE, learning_rate=3e-3, num_steps=150)))
+      data=dict(synthetic_caption=True, synthetic_caption_positions=True, template="plain"),
+      train=dict(trainable=r.STAGE2_TRAINABLE, learning_rate=3e-3, num_steps=300)))
   c.stage2 = ml_collections.ConfigDict(dict(
-      data=dict(synthetic_caption=False, synthetic_multi_turn=True, template="vicuna_v1"),
+      data=dict(synthetic_caption=False, synthetic_multi_turn=True, synthetic_max_turns=6, template="vicuna_v1"),
       train=dict(trainable=r.STAGE2_TRAINABLE, learning_rate=2e-3, num_steps=600)))
   c.eval = ml_collections.ConfigDict(dict(synthetic_samples=400, seed=987654, batch_size=32))
   return c
