@@ -140,8 +140,7 @@ def test_inference_notebook_equals_transformers_generate(hf_checkpoint, tmp_path
   k = size // model.config.vision_config.patch_size
   for prompt, tokens in zip(got["prompts"], got["tokens"]):
     assert prompt.count("<image>") == 1 and prompt.endswith("ASSISTANT:")
-    before, after = prompt.split("<image>")
-    ids = tok(before).input_ids + [IMAGE_TOKEN] * (k * k) + tok(after).input_ids[1:]
+    ids = fixtures.tokenizer_image_token(tok, prompt, image_token=IMAGE_TOKEN, num_image_tokens=k * k)
     with torch.no_grad():
       out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                            pixel_values=pixels, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
