@@ -9,7 +9,6 @@ orbax save/restore: `orbax_params.py`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -21,8 +20,8 @@ from jax.sharding import Mesh
 
 from llava_jax import parallel
 from llava_jax.checkpoints.export import export_hf  # noqa: F401  (public)
-from llava_jax.checkpoints.layouts import (CheckpointKeyError, LoadPlan, check_keys, checkpoint_kind,  # noqa: F401
-                                           make_plan, original_llava_options, plan_llava_hf, read_json)
+from llava_jax.checkpoints.layouts import (CheckpointKeyError, LoadPlan, check_keys, make_plan,  # noqa: F401
+                                           original_llava_options)
 from llava_jax.checkpoints.orbax_params import restore_params, save_params  # noqa: F401  (public)
 from llava_jax.checkpoints.reader import CheckpointFormatError  # noqa: F401
 from llava_jax.checkpoints.table import get_in, group_by_leaf, params_from_tensors, set_in
@@ -70,8 +69,8 @@ def load_pretrained(path: str, *, vision_tower: Optional[str] = None, projector:
   CheckpointKeyError naming them; `rotary_emb.inv_freq`, `position_ids` and a CLIPModel's text tower are
   skipped. Returns params as a nested dict of jax arrays in the layout of docs/architecture.md.
   """
-  plan = _plan(path, vision_tower=vision_tower, projector=projector, projector_type=projector_type,
-               allow_pickle=allow_pickle)
+  plan = make_plan(path, vision_tower=vision_tower, projector=projector, projector_type=projector_type,
+                   allow_pickle=allow_pickle)
   config = plan.config
   if config_overrides:
     config = config.replace(**config_overrides)
@@ -83,43 +82,6 @@ def load_pretrained(path: str, *, vision_tower: Optional[str] = None, projector:
   check_keys(plan.sources)
   params = stream_params(config, plan, mesh=mesh, seed=seed)
   return config, params
-
-
-def _plan(path: str, *, vision_tower, projector, projector_type, allow_pickle: bool) -> LoadPlan:
-  """`make_plan`, plus llava-hf's form of the paper's 'linear' projector read back as 'linear': act 'linear'
-  (identity) and linear_2 = I [D, D] with zero bias [D] are dropped, linear_1 is our Dense."""
-  cfg_path = os.path.join(path, "config.json")
-  cfg = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-  if cfg.get("projector_hidden_act") != "linear" or checkpoint_kind(cfg) != "llava_hf":
-    return make_plan(path, vision_tower=vision_tower, projector=projector, projector_type=projector_type,
-                     allow_pickle=allow_pickle)
-  for name, value in (("vision_tower", vision_tower), ("projector", projector), ("projector_type", projector_type)):
-    if value is not None:
-      raise ValueError(f"{name}= is for original LLaVA or plain LLaMA checkpoints; {path} is a llava-hf checkpoint "
-                       "with its own vision tower and projector")
-  plan = plan_llava_hf(path, {**cfg, "projector_hidden_act": "gelu"}, allow_pickle)  # all but the act; then:
-  (src,) = plan.sources
-  second = [s for s in src.specs if s.path[:2] == ("multi_modal_projector", "linear_2")]
-  layers = sorted({s.path[1] for s in src.specs if s.path[0] == "multi_modal_projector"})
-  why = None if layers == ["linear_1", "linear_2"] else f"its layers are {layers}, not linear_1 and linear_2"
-  for spec in second if why is None else ():
-    if spec.hf_key not in src.reader:
-      why = f"{spec.hf_key} is missing"
-      break
-    value = np.asarray(src.reader.get(spec.hf_key), np.float32)
-    want = np.eye(value.shape[0], dtype=np.float32) if spec.path[-1] == "kernel" else np.zeros_like(value)
-    if value.shape != want.shape or not np.array_equal(value, want):
-      why = f"{spec.hf_key} is not {'the identity' if spec.path[-1] == 'kernel' else 'zero'}"
-      break
-  if why is not None:
-    raise ValueError(f"{path}: projector_hidden_act 'linear' is read only as llava-hf's form of the 'linear' "
-                     f"projector (linear_1, then linear_2 = identity with zero bias, as export_hf writes it), but "
-                     f"{why}; two Dense layers without an activation are not a LLaVA projector")
-  dropped = {s.hf_key for s in second}
-  skip = src.skip
-  src = dataclasses.replace(src, specs=[s for s in src.specs if s.hf_key not in dropped],
-                            skip=lambda key: skip(key) or key in dropped)
-  return dataclasses.replace(plan, config=plan.config.replace(projector_type="linear"), sources=[src])
 
 
 def abstract_params(config: LlavaConfig):

@@ -23,6 +23,8 @@ import os
 import re
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from llava_jax.checkpoints.clip_keys import clip_key_specs
 from llava_jax.checkpoints.llama_keys import llama_key_specs
 from llava_jax.checkpoints.projector_keys import projector_key_specs
@@ -145,17 +147,22 @@ def vision_config_from_dict(d: dict, defaults: dict = HF_CLIP_VISION_DEFAULTS) -
 def llava_hf_config(cfg: dict, projector_depth_found: int) -> LlavaConfig:
   """llava-hf config.json → LlavaConfig; the projector depth comes from the weights (linear_1..linear_N)."""
   act = cfg.get("projector_hidden_act", "gelu")
-  if act != "gelu":
-    raise ValueError(f"projector_hidden_act {act!r} is not supported (LLaVA uses exact 'gelu')")
+  if act not in ("gelu", "linear"):
+    raise ValueError(f"projector_hidden_act {act!r} is not supported (LLaVA uses exact 'gelu'; 'linear' is read as "
+                     "export_hf's form of the paper's linear projector)")
   text_dict = dict(cfg.get("text_config") or {})
   if cfg.get("tie_word_embeddings"):
     text_dict["tie_word_embeddings"] = True
   vision = (vision_config_from_dict(cfg["vision_config"]) if cfg.get("vision_config")
             else VisionConfig(**_vision_kw(HF_LLAVA_VISION_DEFAULTS)))
   depth = projector_depth_found or 2
+  if act == "linear" and depth != 2:
+    raise ValueError(f"projector_hidden_act 'linear' is read only as llava-hf's form of the 'linear' projector "
+                     f"(linear_1, then linear_2 = identity with zero bias, as export_hf writes it), but the "
+                     f"checkpoint has {depth} projector layers")
   return LlavaConfig(
       vision=vision, text=text_config_from_dict(text_dict),
-      projector_type="linear" if depth == 1 else f"mlp{depth}x_gelu",
+      projector_type="linear" if depth == 1 or act == "linear" else f"mlp{depth}x_gelu",
       projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
       image_token_index=int(cfg.get("image_token_index", cfg.get("image_token_id", 32000))),
       vision_feature_layer=_feature_layer(cfg.get("vision_feature_layer", -2)),
@@ -305,7 +312,30 @@ def plan_llava_hf(path: str, cfg: dict, allow_pickle: bool) -> LoadPlan:
   specs = (clip_key_specs(config.vision, prefix=vision_p)
            + projector_key_specs(config, style="hf", prefix=proj_p)
            + llama_key_specs(config.text, prefix=text_p, lm_head_key=head))
-  return LoadPlan(config, [Source(f"checkpoint ({path})", reader, specs, _tied_skip(config.text, head))])
+  skip = _tied_skip(config.text, head)
+  if cfg.get("projector_hidden_act") == "linear":  # export_hf's form of 'linear': linear_2 is a no-op, dropped
+    identity = _identity_linear_2_keys(path, reader, proj_p, config.projector_bias)
+    base_skip = skip
+    skip = lambda k: base_skip(k) or k in identity
+  return LoadPlan(config, [Source(f"checkpoint ({path})", reader, specs, skip)])
+
+
+def _identity_linear_2_keys(path: str, reader: TensorReader, prefix: str, bias: bool) -> frozenset:
+  """The keys of linear_2 after checking it is exactly the identity (weight) with zero bias; else ValueError."""
+  keys = [f"{prefix}linear_2.weight"] + ([f"{prefix}linear_2.bias"] if bias else [])
+  for key in keys:
+    if key not in reader:
+      why = f"{key} is missing"
+    else:
+      value = np.asarray(reader.get(key), np.float32)
+      want = np.eye(value.shape[0], dtype=np.float32) if key.endswith("weight") else np.zeros_like(value)
+      why = None if value.shape == want.shape and np.array_equal(value, want) else (
+          f"{key} is not {'the identity' if key.endswith('weight') else 'zero'}")
+    if why is not None:
+      raise ValueError(f"{path}: projector_hidden_act 'linear' is read only as llava-hf's form of the 'linear' "
+                       f"projector (linear_1, then linear_2 = identity with zero bias, as export_hf writes it), but "
+                       f"{why}; two Dense layers without an activation are not a LLaVA projector")
+  return frozenset(keys)
 
 
 def plan_original(path: str, cfg: dict, vision_tower: Optional[str], allow_pickle: bool) -> LoadPlan:
@@ -390,8 +420,8 @@ def make_plan(path: str, *, vision_tower: Optional[str] = None, projector: Optio
     raise ValueError(f"projector_type= is for a plain LLaMA checkpoint; {path} states its own projector")
   if kind == "llava_hf":
     if vision_tower is not None:
-      raise ValueError(f"{path} is a llava-hf checkpoint with its own vision tower; vision_tower= is only for "
-                       "original LLaVA or LLaMA checkpoints")
+      raise ValueError(f"vision_tower= is for original LLaVA or LLaMA checkpoints; {path} is a llava-hf checkpoint "
+                       "with its own vision tower")
     return plan_llava_hf(path, cfg, allow_pickle)
   if kind == "original":
     return plan_original(path, cfg, vision_tower, allow_pickle)
