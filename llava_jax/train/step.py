@@ -270,9 +270,10 @@ def vision_features(config: LlavaConfig, params, pixel_values: jax.Array) -> jax
   return LlavaModel(config).apply({"params": params}, pixel_values, method=fn)
 
 
-def _decode(config: LlavaConfig, params, mb: Mapping[str, jax.Array], vis_flat: Optional[jax.Array],
-            return_hidden: bool) -> jax.Array:
-  """One micro-batch through projector (on gathered image features) + decoder → logits or hidden [b, T, ·]."""
+def _decode_hidden(config: LlavaConfig, params, mb: Mapping[str, jax.Array],
+                   vis_flat: Optional[jax.Array]) -> jax.Array:
+  """One micro-batch through projector (on gathered image features) + decoder → final-normed hidden [b, T, D]
+  (the loss head applies the lm_head where it is needed)."""
   def fn(m):
     embeds = m.embed_text(mb["input_ids"])
     if vis_flat is not None:
@@ -280,7 +281,7 @@ def _decode(config: LlavaConfig, params, mb: Mapping[str, jax.Array], vis_flat: 
       tok = jax.lax.with_sharding_constraint(tok, P(shd.BATCH_AXES))
       proj = m.multi_modal_projector(tok).astype(embeds.dtype)
       embeds = jnp.where(mb["is_image"][..., None], proj, embeds)
-    return m.decode(embeds, mb["positions"], mb["segment_ids"], return_hidden=return_hidden)
+    return m.decode(embeds, mb["positions"], mb["segment_ids"], return_hidden=True)
   return LlavaModel(config).apply({"params": params}, method=fn)
 
 
@@ -302,7 +303,7 @@ def _apply_logits(config: LlavaConfig, head, hidden: jax.Array) -> jax.Array:
 def _micro_sums(config: LlavaConfig, chunk: int, cap: int, head_grad: bool, trainable, frozen, vis_flat, mb):
   """(Σ CE, (Σ correct, logit positions)) of one micro-batch."""
   params = merge_params(trainable, frozen)
-  hidden = _decode(config, params, mb, vis_flat, return_hidden=True)
+  hidden = _decode_hidden(config, params, mb, vis_flat)
   ce, correct, positions = loss_head(functools.partial(_apply_logits, config), _head_params(config, params),
                                      hidden, mb["targets"], mb["weights"], cap, chunk, head_grad)
   return ce, (correct, positions)
