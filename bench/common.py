@@ -236,28 +236,14 @@ def decoder_forward_flops(p: Preset, batch: int, length: int, image_tokens: int,
   return float(proj + batch * length * p.t_layers * (dense + attn) + head_positions * 2 * d * p.vocab)
 
 
-LOSS_ROW_MULTIPLE = 8  # llava_jax.train.step.LOSS_ROW_MULTIPLE
 LOSS_ELEMENTWISE_PER_LOGIT = 7  # max, subtract, exp, sum; softmax = e / Σ, − onehot, × weight
 
 
-def lm_head_positions(p: Preset) -> int:
-  """Positions of the training batch whose logits llava_jax's step computes: B · cap_row, cap_row = T − K·⌊N/B⌋
-  rounded up to 8 (`llava_jax.train.step.loss_row_budget`; every bench row has one image and fewer supervised
-  tokens than that, so the step takes its compact branch). jax_side checks it against the step's
-  `logit_positions` metric, so this count cannot silently drift from what runs."""
-  b = train_batch(p)
-  bsz, t = b["input_ids"].shape
-  n_images = b["pixel_values"].shape[0]
-  cap = max(t - p.num_patches * (n_images // bsz), 1)
-  cap = min(-(-cap // LOSS_ROW_MULTIPLE) * LOSS_ROW_MULTIPLE, t)
-  return bsz * cap
-
-
-def train_step_flops(p: Preset) -> Dict[str, float]:
+def train_step_flops(p: Preset, lm_head_positions: int) -> Dict[str, float]:
   """FLOPs of one llava_jax training step (the MFU numerator): frozen vision forward through the L−1 blocks
-  it runs + 3 × (projector + decoder forward + lm_head at the positions the step computes logits for: forward
-  and the two backward matmuls per weight) + the loss's elementwise work on those logits
-  (LOSS_ELEMENTWISE_PER_LOGIT per logit). AdamW, norms and softmax inside attention are not counted.
+  it runs + 3 × (projector + decoder forward + lm_head at the `lm_head_positions` the step computed logits
+  for — its `logit_positions` metric, recorded by jax_side — : forward and the two backward matmuls per
+  weight) + the loss's elementwise work on those logits (LOSS_ELEMENTWISE_PER_LOGIT per logit). AdamW, norms and softmax inside attention are not counted.
 
   `conventional_total`: the usual model-FLOPs count with the lm_head over every position and no loss work.
   `reference_total`: what a step computing logits and loss everywhere (PyTorch's) executes, counted the same
@@ -265,7 +251,7 @@ def train_step_flops(p: Preset) -> Dict[str, float]:
   b = train_batch(p)
   bsz, t = b["input_ids"].shape
   k = bsz * p.num_patches
-  positions = lm_head_positions(p)
+  positions = int(lm_head_positions)  # the step's budget (train.step.loss_row_budget), measured, not recomputed
   vis = vision_forward_flops(p, bsz)
   dec = decoder_forward_flops(p, bsz, t, k, lm_head_positions=positions)
   loss = float(LOSS_ELEMENTWISE_PER_LOGIT * positions * p.vocab)

@@ -93,7 +93,7 @@ def build(results: Dict[str, dict], preset: common.Preset) -> dict:
                      note="reference: torch DataLoader running the same per-sample transform"))
   mfu = None
   if jx:
-    flops = common.train_step_flops(preset)
+    flops = common.train_step_flops(preset, jx["train"]["info"]["logit_positions"])
     peak_j, peak_t = matmul_peak(results["jax"]), matmul_peak(results["torch"]) if th else None
     peak = max(x for x in (peak_j, peak_t) if x)
     # Each side is credited with the FLOPs it executes, counted alike: ours runs the lm_head and loss at the
