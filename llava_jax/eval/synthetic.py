@@ -10,8 +10,6 @@ import collections
 import logging
 from typing import Dict
 
-import numpy as np
-
 from llava_jax.config import LlavaConfig
 from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
@@ -72,13 +70,13 @@ def sample_answers(model_config: LlavaConfig, params, tokenizer, source, templat
                    count: int = 3) -> list:
   """Greedy KV-cache generation (infer/generate.py) for the first `count` held-out questions."""
   from llava_jax.data import conversation
-  from llava_jax.data.image import preprocess
+  from llava_jax.data.image import preprocess_batch
   from llava_jax.infer.generate import generate
   tpl = conversation.get_template(template)
   records = [source[i] for i in range(min(count, len(source)))]
   prompts = [conversation.generation_prompt(r["conversations"][:1], tpl) for r in records]
-  pixels = np.stack([preprocess(r["images"][0], image_size=model_config.vision.image_size,
-                                aspect_ratio=data.image_aspect_ratio) for r in records])
+  pixels = preprocess_batch([r["images"][0] for r in records], image_size=model_config.vision.image_size,
+                            aspect_ratio=data.image_aspect_ratio)
   result = generate(model_config, params, prompts=prompts, pixel_values=pixels, tokenizer=tokenizer,
                     max_new_tokens=16, stop_strings=tuple(conversation.stop_strings(tpl)), mesh=mesh)
   return [{"question": r["meta"]["questions"][0], "answer": text.strip(), "expected": r["meta"]["answers"][0]}
