@@ -153,6 +153,7 @@ fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SRC=${SRC:-$REPO}
+[[ -d $SRC ]] || die "--src '$SRC' is not a directory"
 RUN_STATE="\$HOME/llava_jax_run" # expanded on the workers: STATE.pid, STATE.status, STATE.log (launch/tpu_worker.sh)
 LOG="$RUN_STATE.log"
 PID="$RUN_STATE.pid"
@@ -301,7 +302,6 @@ source_list() {
 }
 
 do_setup() {
-  [[ -d $SRC ]] || die "--src '$SRC' is not a directory"
   local tarball="${TMPDIR:-/tmp}/llava_jax.$$.tar.gz" list="${TMPDIR:-/tmp}/llava_jax.$$.files" e
   local excludes=(--anchored)
   for e in "${EXCLUDE_TOP[@]}"; do excludes+=(--exclude="$e"); done

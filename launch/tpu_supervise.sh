@@ -111,6 +111,7 @@ do_supervise() {
     fi
     read_workers || { last="could not read the workers' addresses"; continue; }
     step start_run || { last="the start was interrupted"; continue; }
+    echo "watching the run every ${POLL}s (its log: $LAUNCH_SCRIPT logs --name $NAME --zone $ZONE)"
     watch_run
     case "$OUTCOME" in
       done)
