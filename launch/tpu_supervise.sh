@@ -6,11 +6,35 @@
 
 EX_TEMPFAIL=75
 
+UNREADABLE_POLLS=30 # polls in a row without every worker's status (on a slice that is up) before giving up
+
+# read_statuses: ask every worker for its run's status; sets RUNNING, SAVED, OTHER (the first status that is not
+# 0/75), UNKNOWN (none/lost words) and TOTAL (answers). Fails when ssh fails.
+RUNNING=0 SAVED=0 OTHER="" TOTAL=0
+UNKNOWN=()
+read_statuses() {
+  local out line word
+  out=$("${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$WORKER_SH status $RUN_STATE" 2>/dev/null) ||
+    return 1
+  RUNNING=0 SAVED=0 OTHER="" TOTAL=0 UNKNOWN=()
+  while IFS= read -r line; do
+    [[ $line == "llava_jax_status: "* ]] || continue
+    word=${line#llava_jax_status: }
+    TOTAL=$((TOTAL + 1))
+    case "$word" in
+      running) RUNNING=$((RUNNING + 1)) ;;
+      0) ;;
+      "$EX_TEMPFAIL") SAVED=$((SAVED + 1)) ;;
+      none | lost) UNKNOWN+=("$word") ;;
+      *) if [[ -z $OTHER ]]; then OTHER=$word; fi ;;
+    esac
+  done <<<"$out"
+}
+
 OUTCOME=""
 # watch_run: poll until the run ends or the slice goes; sets OUTCOME to done, saved, preempted or error:STATUS.
 watch_run() {
-  local state out line word unknown=0 running saved other total
-  local -a unknown_words
+  local state unknown=0 unreadable=0
   while :; do
     sleep "$POLL"
     state=$(slice_state)
@@ -24,32 +48,26 @@ watch_run() {
       fi
     fi
     # ssh fails when the network blips or a worker goes down: the slice's state decides on the next poll.
-    out=$("${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$WORKER_SH status $RUN_STATE" 2>/dev/null) ||
-      continue
-    running=0 saved=0 other="" total=0 unknown_words=()
-    while IFS= read -r line; do
-      [[ $line == "llava_jax_status: "* ]] || continue
-      word=${line#llava_jax_status: }
-      total=$((total + 1))
-      case "$word" in
-        running) running=$((running + 1)) ;;
-        0) ;;
-        "$EX_TEMPFAIL") saved=$((saved + 1)) ;;
-        none | lost) unknown_words+=("$word") ;;
-        *) if [[ -z $other ]]; then other=$word; fi ;;
-      esac
-    done <<<"$out"
-    if ((total < NUM_WORKERS || running)); then continue; fi
-    if ((${#unknown_words[@]})); then
+    if ! read_statuses || ((TOTAL < NUM_WORKERS)); then
+      unreadable=$((unreadable + 1))
+      if ((unreadable < UNREADABLE_POLLS)); then continue; fi
+      echo "could not read the run's status from every worker $UNREADABLE_POLLS times in a row while $NAME is" \
+        "$state; see 'launch/tpu_pod.sh logs --worker all'" >&2
+      OUTCOME=error:1
+      return 0
+    fi
+    unreadable=0
+    if ((RUNNING)); then continue; fi
+    if ((${#UNKNOWN[@]})); then
       # 'none': not started yet; 'lost': ended without recording a status. Either should clear up within a poll.
       unknown=$((unknown + 1))
       if ((unknown < 3)); then continue; fi
-      echo "the run's status is '${unknown_words[0]}' on ${#unknown_words[@]} worker(s) after 3 checks;" \
+      echo "the run's status is '${UNKNOWN[0]}' on ${#UNKNOWN[@]} worker(s) after 3 checks;" \
         "see the logs (launch/tpu_pod.sh logs --worker all)" >&2
       OUTCOME=error:1
-    elif [[ -n $other ]]; then
-      OUTCOME=error:$other
-    elif ((saved)); then
+    elif [[ -n $OTHER ]]; then
+      OUTCOME=error:$OTHER
+    elif ((SAVED)); then
       OUTCOME=saved
     else
       OUTCOME="done"
@@ -105,12 +123,19 @@ do_supervise() {
       continue
     fi
     if ((CREATED)); then need_setup=1; fi
+    local adopt=0
+    if ((attempt == 1 && !CREATED)) && read_statuses && ((RUNNING)); then
+      # supervise started again (the machine running it went away): watch the run that is going, set up as it is
+      echo "a run is already going on $NAME: watching it instead of starting one"
+      adopt=1
+      need_setup=0
+    fi
     if ((need_setup)); then
       step do_setup || { last="setup was interrupted"; continue; }
       need_setup=0
     fi
     read_workers || { last="could not read the workers' addresses"; continue; }
-    step start_run || { last="the start was interrupted"; continue; }
+    if ((!adopt)); then step start_run || { last="the start was interrupted"; continue; }; fi
     echo "watching the run every ${POLL}s (its log: $LAUNCH_SCRIPT logs --name $NAME --zone $ZONE)"
     watch_run
     case "$OUTCOME" in

@@ -179,10 +179,21 @@ def test_supervise_reruns_after_exit_75_and_recreates_a_preempted_slice(tmp_path
 
 
 def test_supervise_on_a_spot_tpu_vm_recreates_it_after_preemption(tmp_path):
-  out, calls = supervise(tmp_path, ["preempt", DONE], slice_state="READY", queued=False)
+  # the slice exists: first a look whether a run is going on it (none), then set up and start
+  out, calls = supervise(tmp_path, [["none", "none"], "preempt", DONE], slice_state="READY", queued=False)
   assert out.returncode == 0, out.stdout + out.stderr
   assert calls.count("create") == 1 and calls.count("delete") == 1 and calls.count("ssh:start") == 2
   assert calls.count("ssh:install") == 2  # the first run and the recreated slice
+
+
+def test_supervise_started_again_watches_the_run_that_is_going(tmp_path):
+  """When the machine running supervise went away and it is started again, it neither sets up (which would replace
+  the code under the run) nor starts a second run: it watches the one that is going."""
+  out, calls = supervise(tmp_path, [RUNNING, RUNNING, DONE], slice_state="ACTIVE")
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert calls == ["describe", "describe", "ssh:status", "describe", "describe", "ssh:status", "describe",
+                   "ssh:status"]
+  assert "a run is already going on llava" in out.stdout
 
 
 @pytest.mark.parametrize("poll, status", [(["1", "running"], None), (["0", "1"], 1), (["75", "139"], 139)])
@@ -208,13 +219,13 @@ def test_supervise_reports_a_run_that_never_recorded_a_status(tmp_path):
 
 def test_supervise_stops_when_setup_fails_on_a_healthy_slice(tmp_path):
   """A failed install (e.g. the workers' Python is too old) is not retried: the slice is fine, the setup is not."""
-  env, log, _ = fake_env(tmp_path, {"slice": "ACTIVE", "queued": True, "install_status": 1})
+  env, log, _ = fake_env(tmp_path, {"slice": "ACTIVE", "queued": True, "install_status": 1, "polls": [["none"] * 2]})
   (tmp_path / "src").mkdir()
   out = tpu_pod("supervise", "--name", "llava", "--zone", "z", "--type", "v4-8", "--queued", "--src",
                 str(tmp_path / "src"), "--poll", "0", "--", MAIN, env=env)
   assert out.returncode == 1, out.stdout + out.stderr
   assert "do_setup failed (status 1) on a healthy slice (ACTIVE): not retrying" in out.stderr
-  assert verbs(gcloud_calls(log)) == ["describe", "describe", "scp", "ssh:install", "describe"]
+  assert verbs(gcloud_calls(log)) == ["describe", "describe", "ssh:status", "scp", "ssh:install", "describe"]
 
 
 # ---------------------------------------------------------------------------------------------------------
