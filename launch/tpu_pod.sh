@@ -218,12 +218,17 @@ slice_state() {
   "${STATE_CMD[@]}" 2>/dev/null || true
 }
 
-# preempted STATE: the slice is gone or going, and a run on it cannot continue.
-preempted() {
+# lost_slice STATE: the slice's machines are gone for good (preempted, suspended, failed): delete and recreate it.
+lost_slice() {
   case "$1" in
-    SUSPENDING | SUSPENDED | FAILED | DELETING | PREEMPTED | TERMINATED | STOPPING | STOPPED) return 0 ;;
+    SUSPENDING | SUSPENDED | FAILED | PREEMPTED | TERMINATED) return 0 ;;
     *) return 1 ;;
   esac
+}
+
+# preempted STATE: a run on the slice cannot continue (lost, being deleted, or stopped).
+preempted() {
+  lost_slice "$1" || [[ $1 == DELETING || $1 == STOPPING || $1 == STOPPED ]]
 }
 
 # wait_ready: poll until the slice can run (queued: ACTIVE; TPU VM: READY); fails when it is preempted or failed.
@@ -262,7 +267,10 @@ ensure_slice() {
     while [[ $(slice_state) == DELETING ]]; do sleep "$POLL"; done
     state=$(slice_state)
   fi
-  if [[ -n $state ]] && preempted "$state"; then
+  if [[ $state == STOPPING || $state == STOPPED ]]; then
+    fail "$NAME is $state (stopped by someone): start it (gcloud compute tpus tpu-vm start) or delete it, then rerun"
+  fi
+  if [[ -n $state ]] && lost_slice "$state"; then
     echo "$NAME is $state: deleting it and creating it again"
     run "${DELETE_CMD[@]}" || return 1
     state=""
@@ -309,6 +317,7 @@ do_setup() {
   for e in "${EXCLUDE_ANY[@]}"; do excludes+=(--exclude="$e"); done
   source_list "$list"
   run tar -czf "$tarball" -C "$SRC" "${excludes[@]}" --null --files-from="$list"
+  if ((!DRY_RUN)); then echo "archive: $(du -h "$tarball" | cut -f1), $(tar -tzf "$tarball" | wc -l) entries"; fi
   run "${GCLOUD[@]}" scp "$tarball" "$NAME":llava_jax.tar.gz "${WHERE[@]}" --worker=all
   if ((!DRY_RUN)); then rm -f "$tarball" "$list"; fi
   local install="$WORKER_SH install"

@@ -148,6 +148,31 @@ def test_setup_ships_only_what_a_worker_needs(tmp_path, git):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# create: reuse, recreate, refuse
+
+
+@pytest.mark.parametrize("state, queued, calls, status", [
+    (None, True, ["describe", "create", "describe"], 0),
+    ("ACTIVE", True, ["describe", "describe"], 0),
+    ("FAILED", True, ["describe", "delete", "create", "describe"], 0),
+    ("SUSPENDED", True, ["describe", "delete", "create", "describe"], 0),
+    ("READY", False, ["describe", "describe"], 0),
+    ("PREEMPTED", False, ["describe", "delete", "create", "describe"], 0),
+    ("STOPPED", False, ["describe"], 1),  # someone stopped it: not ours to delete
+])
+def test_create_reuses_recreates_or_refuses(tmp_path, state, queued, calls, status):
+  env, log, _ = fake_env(tmp_path, {"slice": state, "queued": queued})
+  out = tpu_pod("create", "--name", "llava", "--zone", "z", "--type", "v4-8", "--poll", "0",
+                *(["--queued"] if queued else []), env=env)
+  assert out.returncode == status, out.stdout + out.stderr
+  assert verbs(gcloud_calls(log)) == calls
+  kinds = {c[3] for c in gcloud_calls(log)}
+  assert kinds == {"queued-resources" if queued else "tpu-vm"}
+  if status:
+    assert "stopped by someone" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
 # supervise
 
 
