@@ -231,14 +231,20 @@ preempted() {
   lost_slice "$1" || [[ $1 == DELETING || $1 == STOPPING || $1 == STOPPED ]]
 }
 
-# wait_ready: poll until the slice can run (queued: ACTIVE; TPU VM: READY); fails when it is preempted or failed.
+# wait_ready: poll until the slice can run (queued: ACTIVE; TPU VM: READY); fails when it is preempted or failed,
+# or stays invisible for 10 polls.
 wait_ready() {
-  local state last=""
+  local state last="" invisible=0
   while :; do
     state=$(slice_state)
     if [[ $state == ACTIVE || $state == READY ]]; then return 0; fi
     if preempted "$state"; then
       echo "$NAME is $state" >&2
+      return 1
+    fi
+    if [[ -z $state ]]; then invisible=$((invisible + 1)); else invisible=0; fi
+    if ((invisible >= 10)); then
+      echo "$NAME is not visible (gcloud describe fails) after 10 polls" >&2
       return 1
     fi
     if [[ $state != "$last" ]]; then echo "$NAME: ${state:-not visible yet}; waiting (every ${POLL}s)"; fi

@@ -52,8 +52,8 @@ do_install() {
     if python_ok "$c"; then chosen=$c; break; fi
   done
   if [[ -z $chosen ]]; then
-    local have
-    have=$("${candidates[0]}" --version 2>&1) || have="no ${candidates[0]}"
+    local have shown=${python:-python3}
+    have=$("$shown" --version 2>&1) || have="no $shown"
     cat >&2 <<EOF
 $(hostname): llava_jax needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]} (jax 0.10, flax 0.12, orbax and libtpu
 require it); this worker has: $have (tried: ${candidates[*]}).
