@@ -62,10 +62,10 @@ def fake_env(tmp_path, state=None, **extra):
   bin_dir.mkdir(exist_ok=True)
   gcloud = bin_dir / "gcloud"
   gcloud.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
-  for tool in ("srun", "scontrol"):  # log the arguments; srun exits with $FAKE_SRUN_STATUS
+  for tool in ("srun", "scontrol"):  # log the arguments; exit with $FAKE_SRUN_STATUS / $FAKE_SCONTROL_STATUS
     log_line = f'printf \'%s\\n\' "$(printf \'%q \' {tool} "$@")" >> "$FAKE_LOG"\n'
     (bin_dir / tool).write_text("#!/usr/bin/env bash\n" + log_line
-                                + ('exit "${FAKE_SRUN_STATUS:-0}"\n' if tool == "srun" else ""))
+                                + f'exit "${{FAKE_{tool.upper()}_STATUS:-0}}"\n')
   for tool in ("gcloud", "srun", "scontrol"):
     (bin_dir / tool).chmod(0o755)
   log, state_path = tmp_path / "calls.log", tmp_path / "state.json"
@@ -271,3 +271,12 @@ def test_slurm_requeues_on_exit_75_while_requeues_are_left(tmp_path, srun_status
   assert calls[1:] == (["scontrol requeue 4242 "] if requeued else [])
   if srun_status == 75 and not requeued:
     assert "resubmit it to go on" in out.stderr
+
+
+def test_slurm_says_so_when_the_requeue_fails(tmp_path):
+  env, log, _ = fake_env(tmp_path, FAKE_SRUN_STATUS="75", FAKE_SCONTROL_STATUS="1", SLURM_JOB_ID="7",
+                         SLURM_SUBMIT_DIR=str(tmp_path))
+  out = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "--", MAIN], env=env, capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == 75 and "the requeue failed" in out.stderr and "resubmit" in out.stderr
+  assert log.read_text().splitlines()[1] == "scontrol requeue 7 "
