@@ -52,7 +52,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
     package_data={"llava_jax.infer": ["static/*.html"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10, jaxlib, flax 0.12, orbax-checkpoint, grain, libtpu: Requires-Python >=3.11
     install_requires=RUNTIME,
     extras_require=EXTRAS,
     license="Apache-2.0",
