@@ -54,13 +54,15 @@ _ALLOW_REMOTE_IMAGES = flags.DEFINE_bool("allow_remote_images", False, "serve: f
 _LOCAL_IMAGE_ROOT = flags.DEFINE_string("local_image_root", None, "serve: allow image paths under this directory.")
 _MAX_REQUEST_BYTES = flags.DEFINE_integer("max_request_bytes", 20 * 1024 * 1024, "serve: largest request body.")
 _MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", 1 << 25, "serve: largest decoded image (pixels).")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 4, "serve: most images per request.")
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", None, "serve: longest prompt (default: the context).")
 _MAX_OUTPUT_TOKENS = flags.DEFINE_integer("max_output_tokens", 1024, "serve: largest max_tokens a request may ask.")
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "serve: requests generated together.")
 _READ_TIMEOUT = flags.DEFINE_float("read_timeout_s", 30.0, "serve: seconds a client has to send a request's "
                                    "head, and its body; then the connection is closed.")
-_PRECOMPILE = flags.DEFINE_bool("precompile", True, "serve: compile every shape bucket the limits allow before "
-                                "listening (else a request of a new shape compiles while others wait).")
+_PRECOMPILE = flags.DEFINE_bool("precompile", False, "serve: compile every shape the limits allow before listening "
+                                "(else a request of a new shape waits for its compile, off the serving path; narrow "
+                                "the max_* limits first: a 4k-context model has thousands).")
 
 
 def default_workdir(config_path: str) -> str:
@@ -133,6 +135,7 @@ def main(argv):
         host=_HOST.value, port=_PORT.value, max_batch_size=_MAX_BATCH_SIZE.value,
         read_timeout_s=_READ_TIMEOUT.value, precompile=_PRECOMPILE.value, limits=Limits(
             max_request_bytes=_MAX_REQUEST_BYTES.value, max_image_pixels=_MAX_IMAGE_PIXELS.value,
+            max_images=_MAX_IMAGES.value,
             max_prompt_tokens=_MAX_PROMPT_TOKENS.value, max_output_tokens=_MAX_OUTPUT_TOKENS.value,
             default_max_tokens=min(_MAX_NEW_TOKENS.value, _MAX_OUTPUT_TOKENS.value),
             default_temperature=_TEMPERATURE.value, default_top_p=_TOP_P.value,
