@@ -495,6 +495,25 @@ def test_a_new_shape_compiles_off_the_serving_path(model, monkeypatch):
     engine.close()
 
 
+def test_engine_batches_only_requests_that_fit_the_context(model):
+  """A long prompt with few tokens and a short one with many arrive together: they would overflow the context as
+  one batch (generate runs every row to the batch's largest max_tokens), so they run as two, both answered."""
+  from llava_jax.infer.engine import Engine, Request
+  n = next(n for n in range(50, 2000, 5) if len(model.encode([{"from": "human", "value": "cat " * n}], 0)) > 490)
+  long = model.encode([{"from": "human", "value": "cat " * n}], 0)
+  short = model.encode([{"from": "human", "value": "Hi"}], 0)
+  assert len(long) + 30 > model.max_positions >= len(long) + 4
+  engine = Engine(model, max_batch_size=2, batch_window_s=5.0)
+  try:
+    results = [[], []]
+    jobs = [engine.submit(Request(input_ids=ids, max_tokens=k), results[i].append)
+            for i, (ids, k) in enumerate(((long, 4), (short, 30)))]
+    assert all(job.done.wait(300) for job in jobs)
+    assert [r[-1].error for r in results] == [None, None] and engine.batch_sizes == [1, 1]
+  finally:
+    engine.close()
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 def _free_port():
