@@ -56,8 +56,9 @@ def parse_flags(argv: Sequence[str]):
   """absl's flag parsing, with a `--config.a.b` override that names no field as a one-line user error."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # raised by ml_collections' override flags, not by absl
-    if not any(a.startswith("--") and "." in a.split("=", 1)[0] for a in argv[1:]):
+  except (AttributeError, KeyError) as e:  # ml_collections: a KeyError, or an AttributeError wrapping one
+    from_override = isinstance(e, KeyError) or (e.args and isinstance(e.args[0], KeyError))
+    if not from_override or not any(a.startswith("--") and "." in a.split("=", 1)[0] for a in argv[1:]):
       raise
     fail(_override_error(e, argv), argv)
 

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llava_jax import cli_errors
-from llava_jax.errors import MissingFileError
+from llava_jax.errors import MissingFileError, require_path
 from llava_jax.scale.cli import plan_flag_defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
@@ -122,6 +122,8 @@ def main(argv):
     image = _path(_IMAGE)
     if mode == "chat" and image and not os.path.isfile(image):  # before the weights load
       raise MissingFileError(f"--image={_IMAGE.value}: no such file")
+    if mode == "serve":
+      require_path(_path(_LOCAL_IMAGE_ROOT), "--local_image_root")
     from llava_jax.infer.loading import load_for_inference
     model = load_for_inference(config, workdir=_path(_WORKDIR), checkpoint=_path(_CHECKPOINT),
                                template=_TEMPLATE.value)
