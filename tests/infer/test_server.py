@@ -441,8 +441,8 @@ def test_precompiled_server_compiles_nothing_while_serving(model, tiny_tokenizer
     assert lines[0].startswith(f"precompiling 1/{len(shapes)}: ") and lines[-1].startswith(f"precompiled {len(shapes)}")
     counts = gen.compile_counts()
     for q, kind, max_tokens in ((Q, "red", 16), ("Hi", None, 3), ("Describe the picture in detail.", "coffee", 9)):
-      status, _, response = cf.post_json(srv.url, completion({"messages": [cf.user_message(q, png(kind) if kind else None)],
-                                                              "max_tokens": max_tokens}))
+      message = cf.user_message(q, png(kind) if kind else None)
+      status, _, response = cf.post_json(srv.url, completion({"messages": [message], "max_tokens": max_tokens}))
       assert status == 200, response
       if kind == "red":
         assert answer_of(response)[0] == oracle(tiny_tokenizer, [("<image>\n" + q, None)], kind, max_new=16)[0]
