@@ -9,6 +9,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import conversation
 from llava_jax.data.sources import LlavaJsonSource, ScienceQASource, SyntheticShapesSource, TfdsSource
 from llava_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from llava_jax.errors import require_path
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +24,13 @@ def build_source(data, model_config: LlavaConfig, *, split: Optional[str] = None
     if not data.json_path:
       raise ValueError("data.source='llava_json' needs --config.data.json_path=<file.json> "
                        "(and data.image_root for image samples)")
+    require_path(data.json_path, "--config.data.json_path")
     return LlavaJsonSource(data.json_path, data.image_root or None, strict=bool(data.strict))
   if kind == "scienceqa":
     if not data.scienceqa_root:
       raise ValueError("data.source='scienceqa' needs --config.data.scienceqa_root=<dir with problems.json, "
                        "pid_splits.json, images/>")
+    require_path(data.scienceqa_root, "--config.data.scienceqa_root")
     return ScienceQASource(data.scienceqa_root, split or data.split,
                            prompt_format=data.get("scienceqa_format", "QCM-LEA"))
   if kind == "synthetic":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
+from llava_jax.errors import MissingFileError
+
 
 def load_tokenizer(path: str, *, add_bos_token: bool = True):
   """transformers tokenizer from a local directory (tokenizer.json / tokenizer.model / config files).
@@ -17,7 +19,7 @@ def load_tokenizer(path: str, *, add_bos_token: bool = True):
   unk as pad, as the reference sets it for v1 templates.
   """
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+    raise MissingFileError(f"tokenizer directory {path!r} does not exist")
   cls = _tokenizer_class(path)
   tok = cls.from_pretrained(path, add_bos_token=add_bos_token, padding_side="right")
   if tok.pad_token is None and tok.unk_token is not None:
