@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,14 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
       q, k, v, segment_ids)
 
 
-def _mesh_axes(logical: str) -> Tuple[str, ...]:
-  """Mesh axes the active logical axis rules assign to `logical` (() without rules)."""
+def _mesh_axes(logical: str, sizes: dict) -> Tuple[str, ...]:
+  """Axes of the mesh (`sizes`: name → size) the active logical axis rules assign to `logical` (() without
+  rules)."""
   spec = nn.logical_to_mesh_axes((logical,))
   axes = None if spec is None else spec[0]
   if axes is None:
     return ()
-  return (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in sizes)
 
 
 def _dividing_axes(axes: Tuple[str, ...], sizes: dict, n: int) -> Tuple[str, ...]:
@@ -152,12 +153,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   local = functools.partial(_local_attention, interpret=interpret)
 
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if mesh.empty or all(ty == AxisType.Manual for ty in mesh.axis_types):  # no mesh, or inside a shard_map
     out = local(qh, kh, vh, seg)
   else:
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    batch_axes = _dividing_axes(_mesh_axes("batch"), sizes, b)
-    head_axes = _dividing_axes(_mesh_axes("act_heads"), sizes, h)
+    batch_axes = _dividing_axes(_mesh_axes("batch", sizes), sizes, b)
+    head_axes = _dividing_axes(_mesh_axes("act_heads", sizes), sizes, h)
     head_shards = int(np.prod([sizes[a] for a in head_axes]))
     if hkv % head_shards:  # q heads split over 'tensor', kv heads do not: one kv head per q head (exact)
       kh, vh = (jnp.repeat(x, h // hkv, axis=1) for x in (kh, vh))

@@ -76,6 +76,16 @@ def test_splash_equals_xla(b, t, h, hkv, hd):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=TOL, rtol=0, err_msg=f"d{name}")
 
 
+def test_splash_bfloat16_close_to_xla():
+  """bfloat16 inputs: output in bfloat16, within bfloat16 rounding of the 'xla' kernel on the same inputs."""
+  q, k, v, seg = (x.astype(jnp.bfloat16) if x.dtype == np.float32 else x for x in _inputs(2, 13, 4, 2, 16, seed=7))
+  got = _splash(q, k, v, seg)
+  assert got.dtype == jnp.bfloat16
+  want = np.asarray(_xla(q, k, v, seg), np.float32)
+  valid = seg != 0
+  np.testing.assert_allclose(np.asarray(got, np.float32)[valid], want[valid], atol=3e-2, rtol=0)
+
+
 def test_packed_samples_do_not_see_each_other():
   """Changing one packed sample's keys and values leaves the other samples' outputs exactly unchanged."""
   q, k, v, seg = _inputs(1, 24, 2, 1, 8, seed=5)
@@ -226,3 +236,22 @@ def test_splash_compiles_for_tpu(hd):
   assert "tpu_custom_call" in text  # the Mosaic kernel, not the interpreter
   compiled = lowered.compile()
   assert compiled.as_text()
+
+
+@pytest.mark.parametrize("policy, kernels", [("full", 4), ("save_attn_out", 3)])
+def test_save_attn_out_keeps_the_kernel_residuals_on_tpu(policy, kernels):
+  """Under 'save_attn_out' the kernel's residuals (named 'attn_out') are saved, so the compiled TPU step runs the
+  forward, dq and dkv kernels once each; 'full' recomputes the forward in the backward pass (4 kernels)."""
+  mesh = _tpu_topology_mesh()
+  sharding = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  specs = [jax.ShapeDtypeStruct((4, 256, 4, 128), jnp.bfloat16, sharding=sharding)] * 3
+  seg = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+
+  def loss(q, k, v, seg):
+    out = jax.ad_checkpoint.checkpoint_name(splash.splash_attention(q, k, v, seg), "attn_out")
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+  loss = jax.checkpoint(loss, policy=common.remat_policy(policy))
+  with jax.set_mesh(mesh), parallel.axis_rules():
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*specs, seg).compile()
+  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == kernels
