@@ -4,6 +4,7 @@ scan + remat, the shard_map under an 8-device mesh, and a compile of the real Mo
 
 Float32 throughout; outputs compared at valid (segment != 0) positions, losses defined over them. Shapes stay
 tiny: interpret mode runs the kernel's grid step by step."""
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -255,3 +256,30 @@ def test_save_attn_out_keeps_the_kernel_residuals_on_tpu(policy, kernels):
   with jax.set_mesh(mesh), parallel.axis_rules():
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*specs, seg).compile()
   assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == kernels
+
+
+def test_llama_train_step_compiles_for_tpu():
+  """A bfloat16 LLaMA (scan + save_attn_out remat) value-and-grad compiled for the v5e 2x2 topology: the
+  shard_map'd kernel inside nn.scan / nn.remat lowers to Mosaic (forward, dq, dkv once each in the layer body).
+  One kv head for two q heads over tensor=2 takes the repeat-kv path."""
+  mesh = _tpu_topology_mesh()
+  cfg = dataclasses.replace(CFG, hidden_size=256, intermediate_size=512, num_attention_heads=2,
+                            num_key_value_heads=1)
+  model = LlamaForCausalLM(cfg, RuntimeOptions(dtype="bfloat16", attention_impl="splash", scan_layers=True,
+                                               remat_policy="save_attn_out"))
+  b, t = 4, 300
+  ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((b, t, 256), jnp.bfloat16),
+                            ints, ints)
+  shardings = parallel.logical_to_sharding(nn.get_partition_spec(abstract)["params"], mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.unbox(abstract["params"]), shardings)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=parallel.batch_sharding(mesh))
+
+  def loss(p, ids, pos, seg):
+    logits = model.apply({"params": p}, model.apply({"params": p}, ids, method=model.embed), pos, seg)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  with jax.set_mesh(mesh), parallel.axis_rules():
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, ids, ids, ids).compile()
+  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3
