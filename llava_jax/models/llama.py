@@ -274,8 +274,9 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
   """One block: (carry, cos, sin [B, T, hd], mask [B, 1, T, S] (segment ids [B, T] for 'splash' without a
-  cache), kv_index, layer) → (carry, None) (scan's (carry, y)). Without a cache (`layer` None) the carry is x [B, T, D]; with one it is (x, (k, v)), the whole
-  cache [L, B, Hkv, S, hd], which this block (number `layer`) updates in place."""
+  cache), kv_index, layer) → (carry, None) (scan's (carry, y)). Without a cache (`layer` None) the carry is
+  x [B, T, D]; with one it is (x, (k, v)), the whole cache [L, B, Hkv, S, hd], which this block (number
+  `layer`) updates in place."""
   config: TextConfig
   runtime: RuntimeOptions
 
