@@ -119,13 +119,13 @@ def _batch(b=4, t=20, seed=0):
   return ids, pos, seg
 
 
-def _model(impl, policy="full"):
-  return LlamaForCausalLM(CFG, RuntimeOptions(attention_impl=impl, scan_layers=True, remat_policy=policy))
+def _model(impl, policy="full", scan=True):
+  return LlamaForCausalLM(CFG, RuntimeOptions(attention_impl=impl, scan_layers=scan, remat_policy=policy))
 
 
-def _params():
+def _params(scan=True):
   ids, pos, seg = _batch()
-  model = _model("xla")
+  model = _model("xla", scan=scan)
   e = jnp.zeros(ids.shape + (CFG.hidden_size,))
   return nn.unbox(model.init(jax.random.PRNGKey(0), e, pos, seg)["params"])
 
@@ -142,14 +142,15 @@ def _logits_loss_grads(model, params, ids, pos, seg):
   return logits, grads
 
 
-@pytest.mark.parametrize("policy", ["full", "save_attn_out"])
-def test_llama_splash_equals_xla(policy):
-  params = _params()
+@pytest.mark.parametrize("policy, scan", [("full", True), ("save_attn_out", True), ("dots", False)])
+def test_llama_splash_equals_xla(policy, scan):
+  params = _params(scan)
   ids, pos, seg = _batch()
   run = jax.jit(_logits_loss_grads, static_argnums=0)
-  got_logits, got_grads = run(_model("splash", policy), params, ids, pos, seg)
-  want_logits, want_grads = run(_model("xla", policy), params, ids, pos, seg)
+  got_logits, got_grads = run(_model("splash", policy, scan), params, ids, pos, seg)
+  want_logits, want_grads = run(_model("xla", policy, scan), params, ids, pos, seg)
   valid = seg != 0
+  assert np.isfinite(np.asarray(got_logits)).all()  # padding positions included
   np.testing.assert_allclose(np.asarray(got_logits)[valid], np.asarray(want_logits)[valid], atol=TOL, rtol=0)
   flat_got = jax.tree_util.tree_leaves_with_path(got_grads)
   for (path, g), r in zip(flat_got, jax.tree_util.tree_leaves(want_grads)):
