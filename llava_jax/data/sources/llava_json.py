@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any, List, Optional, Tuple
 
-from llava_jax.data.sources.base import PackedJson, check_index, normalize_record, record_problem
+from llava_jax.data.sources.base import PackedJson, RecordOrigins, check_index, normalize_record, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ class LlavaJsonSource:
   JSONL line that is not JSON) is kept, logged once at load with the others, listed in `self.malformed`
   as `(index, id, problem)`, and yielded with its fields as found, so the encoder rejects it with
   SampleError('malformed_conversation') and the pipeline counts it.
+  `origins(i)` says where record i is in the file ("data.jsonl line 13" for JSON Lines, "data.json record #12"
+  for a list); the pipeline names it in skip logs and strict-mode errors.
   """
 
   def __init__(self, json_path: str | os.PathLike, image_root: Optional[str | os.PathLike] = None, *,
@@ -33,7 +35,8 @@ class LlavaJsonSource:
     self.json_path = os.fspath(json_path)
     self.image_root = None if image_root is None else os.fspath(image_root)
     name = os.path.basename(self.json_path)
-    raw, line_errors = _read_records(self.json_path)
+    raw, line_errors, lines = _read_records(self.json_path)
+    self.origins = RecordOrigins(name, lines)
     records = []
     self.malformed: List[Tuple[int, str, str]] = []
     for i, rec in enumerate(raw):
@@ -43,7 +46,7 @@ class LlavaJsonSource:
         self.malformed.append((i, record["id"], problem))
       records.append(record)
     if self.malformed:
-      listing = "; ".join(f"#{i} id={rid!r}: {p}" for i, rid, p in self.malformed[:20])
+      listing = "; ".join(f"{self.origins(i)} id={rid!r}: {p}" for i, rid, p in self.malformed[:20])
       more = f" (and {len(self.malformed) - 20} more)" if len(self.malformed) > 20 else ""
       if strict:
         raise ValueError(f"{self.json_path}: {len(self.malformed)} malformed record(s): {listing}{more}")
@@ -62,8 +65,9 @@ class LlavaJsonSource:
             f"malformed={len(self.malformed)})")
 
 
-def _read_records(path: str) -> Tuple[List[Any], dict]:
-  """(records, {index: problem}) from a JSON list or JSON Lines file."""
+def _read_records(path: str) -> Tuple[List[Any], dict, Optional[List[int]]]:
+  """(records, {index: problem}, 1-based line number of each record or None for a JSON list) from a JSON list or
+  JSON Lines file."""
   with open(path, "r", encoding="utf-8") as f:
     text = f.read()
   stripped = text.lstrip()
@@ -75,14 +79,17 @@ def _read_records(path: str) -> Tuple[List[Any], dict]:
       raise ValueError(f"{path}: not valid JSON ({e}); use .jsonl for one record per line") from None
     if not isinstance(data, list):
       raise ValueError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-    return data, {}
-  records, errors = [], {}
-  for lineno, line in enumerate(text.splitlines(), start=1):
+    return data, {}, None
+  records, errors, lines = [], {}, []
+  # Lines end at "\n" only (JSON Lines): str.splitlines would also split at U+2028, U+0085, ... which JSON strings
+  # may hold unescaped.
+  for lineno, line in enumerate(text.split("\n"), start=1):
     if not line.strip():
       continue
+    lines.append(lineno)
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError as e:
       errors[len(records)] = f"line {lineno} is not valid JSON ({e})"
       records.append(None)
-  return records, errors
+  return records, errors, lines
