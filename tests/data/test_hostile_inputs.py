@@ -247,6 +247,27 @@ def test_jsonl_lines_are_split_at_newlines_only(files, tiny_tokenizer):
 
 # ---------------------------------------------------------------------------------------------- inspect
 
+def test_inspect_reports_every_hostile_row_with_its_line(files, tiny_tokenizer, tmp_path):
+  from llava_jax.data.inspect import inspect_samples
+  records, good = _corpus()
+  source = _jsonl_source(records, files, "inspect-hostile.jsonl")
+  out = tmp_path / "rows.jsonl"
+  with fifo_feeder(os.path.join(files, "fifo.png"), _png_bytes()) as fed:
+    counts = inspect_samples(source, tiny_tokenizer, "vicuna_v1", num_image_tokens=4, image_token_index=-200,
+                             max_length=128, max_images_per_sample=2, out_path=str(out), limit=None, print_fn=None)
+  assert not fed, "reading blocked on a FIFO"
+  assert counts == {"samples": len(good), **_counts(CASES)}
+  rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+  assert [r["id"] for r in rows] == [r["id"] for r in records]
+  for line, row in enumerate(rows, start=1):
+    if row["id"].startswith("bad-"):
+      case = row["id"][len("bad-"):]
+      assert (row["skip"], row["origin"]) == (CASES[case][1], f"inspect-hostile.jsonl line {line}"), case
+      assert MESSAGES[case] in row["error"], case
+    else:
+      assert "skip" not in row and row["input_ids"], row["id"]
+
+
 def _tiny_config(tokenizer_dir, json_path, image_root):
   spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
   module = importlib.util.module_from_spec(spec)
