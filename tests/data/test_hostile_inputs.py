@@ -245,6 +245,24 @@ def test_jsonl_lines_are_split_at_newlines_only(files, tiny_tokenizer):
   assert source.origins(1) == "odd.jsonl line 2"
 
 
+def test_a_jsonl_line_that_is_not_utf8_is_one_malformed_record(files, tiny_tokenizer, caplog):
+  """A BOM is dropped; a line with invalid UTF-8 is a malformed record at its line (it failed the whole load)."""
+  path = os.path.join(files, "latin1.jsonl")
+  good, bad = _good(0), {"id": "bad-latin1", "conversations": _turns("Caf\u00e9?", "Oui.")}
+  with open(path, "wb") as f:
+    f.write(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\r\n")
+    f.write(json.dumps(bad, ensure_ascii=False).encode("latin-1") + b"\n")
+  with caplog.at_level("WARNING"):
+    source = LlavaJsonSource(path, image_root=files)
+  assert len(source) == 2 and source[0]["id"] == "good-0"
+  assert [i for i, _, _ in source.malformed] == [1]
+  assert source.malformed[0][2].startswith("line 2 is not UTF-8 at byte 70")  # the byte of the latin-1 "é"
+  assert "latin1.jsonl line 2" in caplog.text
+  it = pipeline.make_pipeline(source, **_kw(tiny_tokenizer, num_epochs=1))
+  assert flat(drain(it)) == ["good-0"]
+  assert it.skip_counts()["malformed_conversation"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- inspect
 
 def test_inspect_reports_every_hostile_row_with_its_line(files, tiny_tokenizer, tmp_path):

@@ -1,6 +1,7 @@
 """LLaVA's own data format: a JSON list (or JSON Lines) of `{"id", "image"?, "conversations"}` records."""
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -68,27 +69,34 @@ class LlavaJsonSource:
 def _read_records(path: str) -> Tuple[List[Any], dict, Optional[List[int]]]:
   """(records, {index: problem}, 1-based line number of each record or None for a JSON list) from a JSON list or
   JSON Lines file."""
-  with open(path, "r", encoding="utf-8") as f:
-    text = f.read()
-  stripped = text.lstrip()
-  as_list = path.endswith(".json") or (not path.endswith(".jsonl") and stripped.startswith("["))
+  with open(path, "rb") as f:
+    raw = f.read()
+  if raw.startswith(codecs.BOM_UTF8):  # written by some editors / Windows tools
+    raw = raw[len(codecs.BOM_UTF8):]
+  as_list = path.endswith(".json") or (not path.endswith(".jsonl") and raw.lstrip().startswith(b"["))
   if as_list:
     try:
-      data = json.loads(text)
+      data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e}); use .jsonl for one record per line") from None
     if not isinstance(data, list):
       raise ValueError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
     return data, {}, None
   records, errors, lines = [], {}, []
-  # Lines end at "\n" only (JSON Lines): str.splitlines would also split at U+2028, U+0085, ... which JSON strings
-  # may hold unescaped.
-  for lineno, line in enumerate(text.split("\n"), start=1):
+  # Lines end at "\n" only (JSON Lines; a "\r" before it is dropped): str.splitlines would also split at U+2028,
+  # U+0085, ... which JSON strings may hold unescaped. Each line is decoded on its own, so a line that is not
+  # UTF-8 is one malformed record, not a failed load.
+  for lineno, line in enumerate(raw.split(b"\n"), start=1):
     if not line.strip():
       continue
     lines.append(lineno)
     try:
-      records.append(json.loads(line))
+      records.append(json.loads(line.decode("utf-8")))
+    except UnicodeDecodeError as e:
+      errors[len(records)] = f"line {lineno} is not UTF-8 at byte {e.start} ({e.reason})"
+      records.append(None)
     except json.JSONDecodeError as e:
       errors[len(records)] = f"line {lineno} is not valid JSON ({e})"
       records.append(None)
