@@ -7,6 +7,7 @@ from typing import Optional
 
 from llava_jax.config import LlavaConfig
 from llava_jax.data import conversation
+from llava_jax.data.image_file import DEFAULT_MAX_IMAGE_BYTES
 from llava_jax.data.sources import LlavaJsonSource, ScienceQASource, SyntheticShapesSource, TfdsSource
 from llava_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from llava_jax.errors import require_path
@@ -106,6 +107,7 @@ def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
       bucket_lengths=buckets, packing=bool(data.packing),
       group_by_modality=bool(data.group_by_modality), worker_count=int(data.worker_count),
       strict=bool(data.strict), max_pixels=int(data.max_pixels),
+      max_image_bytes=int(data.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)),
       max_images_per_sample=int(data.get("max_images_per_sample", 1)))
 
 
@@ -115,14 +117,17 @@ def _process_count() -> int:
 
 
 def inspect_from_config(config, *, out_path: Optional[str], limit: int, workdir: Optional[str] = None) -> dict:
-  """`--mode=inspect`: print `limit` encoded samples with the supervised spans marked, write JSON lines."""
+  """`--mode=inspect`: print `limit` encoded samples with the supervised spans marked, write JSON lines.
+
+  Uses the training pipeline's options (`pipeline_kwargs`), so a sample shown as used is one training uses."""
   from llava_jax import recipes
   from llava_jax.data.inspect import inspect_samples
   model_config = recipes.llava_config(config.model)
   tokenizer = build_tokenizer(config, model_config, workdir)
   source = build_source(config.data, model_config)
-  return inspect_samples(source, tokenizer, conversation.get_template(config.data.template),
-                         num_image_tokens=model_config.num_image_tokens,
-                         image_token_index=model_config.image_token_index, max_length=int(config.data.max_length),
-                         out_path=out_path, limit=limit, max_pixels=int(config.data.max_pixels),
-                         color=os.isatty(1))
+  kw = pipeline_kwargs(config, model_config, tokenizer)
+  return inspect_samples(source, tokenizer, conversation.get_template(kw["template"]),
+                         num_image_tokens=kw["num_image_tokens"], image_token_index=kw["image_token_index"],
+                         max_length=kw["max_length"], max_images_per_sample=kw["max_images_per_sample"],
+                         max_pixels=kw["max_pixels"], max_image_bytes=kw["max_image_bytes"],
+                         out_path=out_path, limit=limit, color=os.isatty(1))
