@@ -238,9 +238,21 @@ def normalize_batch(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: 
   return out
 
 
+# Formats PIL hands to an external program instead of decoding itself: EPS runs Ghostscript on the file's
+# PostScript (arbitrary code in a data set's "image"). Never opened, whether or not Ghostscript is installed.
+EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+
+
+@functools.lru_cache(maxsize=None)
+def decodable_formats() -> Tuple[str, ...]:
+  """PIL's registered formats minus EXTERNAL_PROGRAM_FORMATS: what `Image.open` may identify a file as."""
+  Image.init()
+  return tuple(f for f in Image.ID if f not in EXTERNAL_PROGRAM_FORMATS)
+
+
 def _open_and_load(fileobj, max_pixels, sample_id, what: str) -> Image.Image:
   try:
-    image = Image.open(fileobj)
+    image = Image.open(fileobj, formats=decodable_formats())
   except Image.DecompressionBombError as e:
     raise SampleError("unreadable_image", f"{what}: decompression bomb rejected by PIL: {e}", sample_id) from None
   except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error, ... from broken headers

@@ -343,3 +343,21 @@ def _check_inspect_agrees(files, tiny_tokenizer_dir, tmp_path, max_images):
   assert {r: counts[r] for r in REASONS} == skipped
   assert (shown["two-images"] is None) == (max_images == 2)
   assert shown["two-images"] in (None, "too_long") and shown["bad-directory"] == "unreadable_image"
+
+
+def test_an_eps_image_is_refused_before_any_external_program(tmp_path, monkeypatch):
+  """PIL identifies EPS from its header and would run Ghostscript on load: such a file is not an image to us."""
+  from PIL import EpsImagePlugin
+  calls = []
+  monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a) or Image.new("RGB", (1, 1)))
+  monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+  eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+  path = tmp_path / "x.png"
+  path.write_bytes(eps)
+  assert Image.open(io.BytesIO(eps)).format == "EPS"  # what PIL alone does with it
+  for source in (str(path), eps):
+    with pytest.raises(SampleError) as info:
+      image_lib.load_image(source, sample_id="eps")
+    assert info.value.reason == "unreadable_image"
+  assert calls == []
+  assert "PNG" in image_lib.decodable_formats() and "EPS" not in image_lib.decodable_formats()
