@@ -192,3 +192,32 @@ def test_two_processes_agree_with_each_other_and_one_process(tmp_path, monkeypat
   assert ref.keys() == params[0].keys()
   for k in ref:
     np.testing.assert_allclose(params[0][k], ref[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+LAUNCH_TIMEOUT_S = 900
+
+
+def test_launcher_trains_and_evaluates_tiny_across_two_processes(tmp_path):
+  """launch/README.md's local command, as a user runs it (eval on): `launch/local_multiprocess.sh -n 2
+  --devices-per-process 4 -- --config=configs/tiny.py --workdir=DIR` trains, evaluates the held-out questions on
+  the mesh spanning both processes (generation fetches rows living on the other process's devices), exits 0, and
+  the report is written and printed once (by process 0)."""
+  out = subprocess.run(["bash", "-c", "echo ${BASH_VERSINFO[0]}.${BASH_VERSINFO[1]}"], capture_output=True,
+                       text=True).stdout.strip()
+  if tuple(int(x) for x in out.split(".")) < (5, 1):
+    pytest.skip(f"launch/local_multiprocess.sh needs bash >= 5.1, this is {out}")
+  config = load_config("tiny")
+  workdir, logs = tmp_path / "mp_tiny", tmp_path / "logs"
+  env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)  # the launcher gives each process its devices
+  cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "-n", "2", "--devices-per-process", "4",
+         "--port", str(free_port()), "--log-dir", str(logs), "--", "--config=configs/tiny.py", f"--workdir={workdir}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        timeout=LAUNCH_TIMEOUT_S)
+  texts = [(logs / f"process_{i}.log").read_text() for i in range(PROCESSES)]
+  assert proc.returncode == 0, "\n".join(t[-3000:] for t in texts)
+  assert [r["step"] for r in read_metrics(str(workdir))] == list(range(1, config.train.num_steps + 1))
+  report = json.loads((workdir / loop.EVAL_REPORT).read_text())
+  assert report["accuracy"]["n"] == config.eval.synthetic_samples and len(report["samples"]) == 3
+  assert [t.count("held-out synthetic questions:") for t in texts] == [1, 0]
+  assert os.path.isdir(workdir / loop.PARAMS_DIR)
