@@ -150,7 +150,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
       model_config = LlavaConfig.from_dict(saved)
   else:  # weights first: an imported checkpoint's architecture decides image size and placeholders
     model_config, params = initial_params(config, model_config, mesh)
-  tokenizer = data_config.build_tokenizer(config, model_config, tokenizer_workdir or workdir)
+  tokenizer = _build_tokenizer(config, model_config, tokenizer_workdir or workdir)
   source = data_config.build_source(config.data, model_config)
   steps = total_steps(config, len(source))
   optimizer = optimizer_from_config(tcfg, steps)
@@ -237,6 +237,17 @@ def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, pre
         break
   progress.close()
   return state, final_loss, step
+
+
+def _build_tokenizer(config, model_config, workdir):
+  """data_config.build_tokenizer; a tokenizer trained into the (shared) workdir is trained by process 0 alone,
+  and the other processes load it after a barrier (instead of all writing the same files at once)."""
+  if jax.process_count() == 1 or config.data.tokenizer != data_config.SYNTHETIC_TOKENIZER:
+    return data_config.build_tokenizer(config, model_config, workdir)
+  from jax.experimental import multihost_utils
+  tokenizer = data_config.build_tokenizer(config, model_config, workdir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("llava_jax: synthetic tokenizer saved")
+  return tokenizer if tokenizer is not None else data_config.build_tokenizer(config, model_config, workdir)
 
 
 def _freeze(tcfg):
