@@ -4,8 +4,9 @@
         --workdir=W --tokenizer_root=R --steps=S --out=DIR [--buckets=L1,L2,...]
 
 Trains configs/tiny.py (no warmup; data.bucket_lengths from --buckets) with a schedule of S steps using
-loop.train on a global (P·D, 1, 1) mesh — each process loads only its own rows (the pipeline shards by jax.process_index) — until the test sends SIGTERM
-(jax's preemption sync manager makes every process stop and save at the same step), then writes, for the test
+loop.train on a global (P·D, 1, 1) mesh — each process loads only its own rows (the pipeline shards by
+jax.process_index) — until the test sends SIGTERM (jax's preemption sync manager makes every process stop and
+save at the same step), then writes, for the test
 to compare across processes:
   DIR/result.process<I>.json     {"steps": last step, "preempted": bool}
   DIR/metrics.process<I>.jsonl   this process's view of every logged step's metrics (replicated scalars)
