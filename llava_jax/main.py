@@ -1,7 +1,9 @@
 """Command-line entry: `python -m llava_jax.main --config=configs/<recipe>.py[:arg] [--config.a.b=v] --mode=...`.
 
 Modes:
-  train    train (and resume) in --workdir; the README's main command runs configs/demo.py this way
+  train    train (and resume) in --workdir; the README's main command runs configs/demo.py this way. Exits 0 when
+           the run finished, 75 (EX_TEMPFAIL, train/checkpointing.PREEMPTED_EXIT_CODE) when SIGTERM / a
+           preemption stopped it after saving a checkpoint: rerun the same command to resume
   eval     evaluate a workdir's latest checkpoint (or --checkpoint) on the config's eval data
   inspect  print samples with the supervised spans marked and write --inspect_out JSON lines
   plan     per-device memory and step time of the config on --plan.topology, without the hardware
@@ -109,8 +111,10 @@ def main(argv):
   workdir = _path(_WORKDIR) or default_workdir(flags.FLAGS["config"].config_filename)
   mode = _MODE.value
   if mode == "train":
+    from llava_jax.train.checkpointing import PREEMPTED_EXIT_CODE
     from llava_jax.train.loop import train_and_evaluate
-    train_and_evaluate(config, workdir)
+    if train_and_evaluate(config, workdir).preempted:
+      sys.exit(PREEMPTED_EXIT_CODE)  # saved, not finished: a requeue-on-failure scheduler restarts the run
   elif mode == "eval":
     apply_judge_flags(config)
     from llava_jax.train.loop import evaluate_checkpoint

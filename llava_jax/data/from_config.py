@@ -5,6 +5,8 @@ import logging
 import os
 from typing import Optional
 
+from etils import epath
+
 from llava_jax.config import LlavaConfig
 from llava_jax.data import conversation
 from llava_jax.data.image_file import DEFAULT_MAX_IMAGE_BYTES
@@ -58,7 +60,7 @@ def tokenizer_dir(config, workdir: Optional[str]) -> str:
   if data.tokenizer == SYNTHETIC_TOKENIZER:
     if not workdir:
       raise ValueError("a synthetic tokenizer is trained into the workdir; pass --workdir")
-    return os.path.join(workdir, "tokenizer")
+    return os.fspath(epath.Path(workdir) / "tokenizer")
   path = data.tokenizer or init.pretrained or init.language_model
   if not path:
     raise ValueError("no tokenizer: set --config.data.tokenizer=<dir> (or init.pretrained / init.language_model)")
@@ -69,7 +71,7 @@ def build_tokenizer(config, model_config: LlavaConfig, workdir: Optional[str]):
   """Load the tokenizer; for data.tokenizer='synthetic' train it once (vocab_size − 1 pieces; the last id is the
   image placeholder) from synthetic conversations rendered with every registered template's system text."""
   path = tokenizer_dir(config, workdir)
-  if config.data.tokenizer == SYNTHETIC_TOKENIZER and not os.path.exists(os.path.join(path, "tokenizer.json")):
+  if config.data.tokenizer == SYNTHETIC_TOKENIZER and not (epath.Path(path) / "tokenizer.json").exists():
     texts = synthetic_corpus(config, model_config)
     logger.info("training a %d-piece tokenizer on %d synthetic texts into %s", model_config.text.vocab_size - 1,
                 len(texts), path)
@@ -97,9 +99,7 @@ def synthetic_corpus(config, model_config: LlavaConfig, num_samples: int = 2000)
 def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
   """Keyword arguments of data.pipeline.make_pipeline from the config (without source, seed and batch size)."""
   data = config.data
-  buckets = tuple(data.bucket_lengths) or None
-  if _process_count() > 1:  # each host picks a bucket from its own rows: hosts must agree on one length
-    buckets = (int(data.max_length),)
+  buckets = tuple(data.bucket_lengths) or None  # several processes agree per step (train/host_batches.py)
   return dict(
       tokenizer=tokenizer, template=data.template, image_size=model_config.vision.image_size,
       aspect_ratio=data.image_aspect_ratio, num_image_tokens=model_config.num_image_tokens,
@@ -109,11 +109,6 @@ def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
       strict=bool(data.strict), max_pixels=int(data.max_pixels),
       max_image_bytes=int(data.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)),
       max_images_per_sample=int(data.get("max_images_per_sample", 1)))
-
-
-def _process_count() -> int:
-  import jax
-  return jax.process_count()
 
 
 def inspect_from_config(config, *, out_path: Optional[str], limit: int, workdir: Optional[str] = None) -> dict:
