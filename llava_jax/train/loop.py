@@ -38,6 +38,7 @@ from llava_jax.train.optim import optimizer_from_config
 from llava_jax.train.state import (VISION_TOWER, TrainState, abstract_train_state, create_train_state,
                                   state_shardings)
 from llava_jax.train.step import make_train_step
+from llava_jax.errors import MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def initial_params(config, model_config: LlavaConfig, mesh):
     from llava_jax.checkpoints.orbax_params import restore_params
     path = _join(init.from_workdir, PARAMS_DIR)
     if not epath.Path(path).is_dir():
-      raise FileNotFoundError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
+      raise MissingFileError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
     return model_config, restore_params(path, param_shardings(model_config, mesh))
   if init.pretrained or init.language_model:
     from llava_jax.checkpoints.hf import load_pretrained
@@ -296,7 +297,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) 
     from llava_jax.checkpoints.hf import param_shardings
     from llava_jax.checkpoints.orbax_params import restore_params
     if not epath.Path(path).is_dir():
-      raise FileNotFoundError(f"no params at {path}: train first, or pass --checkpoint")
+      raise MissingFileError(f"no params at {path}: train first, or pass --checkpoint")
     params = restore_params(path, param_shardings(model_config, mesh))
   tokenizer = data_config.build_tokenizer(last, model_config, workdir)
   from llava_jax.eval.synthetic import evaluate_synthetic
