@@ -7,6 +7,7 @@ REASONS = (
     "image_mismatch",          # number of images != number of <image> placeholders
     "too_long",                # cannot be truncated without cutting an image run / losing all answers
     "no_supervised_tokens",    # nothing left for the loss after truncation
+    "caption_without_image",   # a captions-only ('plain') template on a row without an image
 )
 
 
