@@ -1,13 +1,26 @@
-"""Tokenizers: load the language model's (transformers), or train a small LLaMA-style one for the demo.
+"""Tokenizers: load the language model's (transformers), train a small LLaMA-style one for the demo, and
+encode text exactly as SentencePiece does.
 
-A trained tokenizer follows LLaMA's conventions (SentencePiece BPE with byte fallback; unk 0, bos 1, eos 2;
-BOS added, no EOS) and is wrapped by transformers' LlamaTokenizer, so the data path treats it exactly like
-a real Vicuna tokenizer.
+A trained tokenizer follows LLaMA's conventions (SentencePiece BPE with byte fallback, identity normalization,
+no whitespace collapsing, split digits; unk 0, bos 1, eos 2; BOS added, no EOS) and is wrapped by transformers'
+LlamaTokenizer, so the data path treats it exactly like a real Vicuna tokenizer.
+
+Why `encode_with_offsets` does not just call the transformers tokenizer: transformers 5's LlamaTokenizer
+pre-tokenizes with `Metaspace(prepend_scheme='first')`, which skips SentencePiece's dummy-prefix `▁` when the text
+already starts with a space (`" ASSISTANT"` → `['▁ASSISTANT']`, SentencePiece: `['▁', '▁ASSISTANT']`) and adds
+none after a special token (`"</s>USER"` → `'US'`, SentencePiece on the piece: `'▁US'`). The reference trained and
+evaluated with transformers' slow (SentencePiece) LlamaTokenizer in its legacy mode (LLaVA pins transformers
+4.31, `use_fast=False`): split the text at special / added tokens, `sp_model.encode` each piece on its own. LLaMA /
+Vicuna / LLaVA checkpoints saw those ids, so that is the rule here whenever the tokenizer has a SentencePiece model.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Iterable, Optional
+import re
+from typing import Iterable, List, Optional, Tuple
+
+import numpy as np
 
 
 def load_tokenizer(path: str, *, add_bos_token: bool = True):
@@ -57,8 +70,106 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int,
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(list(texts)), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
       byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      user_defined_symbols=list(extra_symbols or []), hard_vocab_limit=False, minloglevel=2)
+      # LLaMA's normalizer spec: text is kept as is (no NFKC, spaces not collapsed or stripped), digits split.
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+      allow_whitespace_only_pieces=True, user_defined_symbols=list(extra_symbols or []), hard_vocab_limit=False,
+      minloglevel=2)
   tok = LlamaTokenizer.from_pretrained(out_dir, add_bos_token=True, padding_side="right")
   tok.pad_token = tok.unk_token
   tok.save_pretrained(out_dir)
   return tok
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+@functools.lru_cache(maxsize=8)
+def _load_sentencepiece(path: str):
+  import sentencepiece as spm
+  return spm.SentencePieceProcessor(model_file=path)
+
+
+def sentencepiece_model(tokenizer):
+  """The SentencePiece processor behind a LLaMA-style transformers tokenizer (its `vocab_file`, a
+  `tokenizer.model`), or None when it has none (tokenizer.json-only BPE tokenizers such as LLaMA-3's)."""
+  path = getattr(tokenizer, "vocab_file", None)
+  if not isinstance(path, str) or not path.endswith(".model") or not os.path.isfile(path):
+    return None
+  sp = _load_sentencepiece(os.path.abspath(path))
+  for name, sp_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
+    tid = getattr(tokenizer, f"{name}_token_id", None)
+    if sp_id >= 0 and tid is not None and tid != sp_id:
+      raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its {name} id {tid} differs from its "
+                       f"SentencePiece model's ({sp_id}, {path}); the vocabularies do not match")
+  return sp
+
+
+def _added_token_pattern(tokenizer) -> Optional[re.Pattern]:
+  """Regex matching the tokenizer's special and added tokens ('<s>', '</s>', '<image>', '<|im_end|>', ...),
+  longest first, or None when it has none."""
+  tokens = sorted((t for t in tokenizer.added_tokens_encoder if t), key=len, reverse=True)
+  return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
+
+
+def _sentencepiece_piece(sp, text: str, start: int) -> Tuple[List[int], List[Tuple[int, int]]]:
+  """`sp.encode(text)` ids and their character spans (offset by `start`); SentencePiece reports UTF-8 byte spans."""
+  proto = sp.encode(text, return_type="proto")
+  char_starts = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])  # byte offset of each char, then the end
+  ids, spans = [], []
+  for p in proto.pieces:
+    b = int(np.searchsorted(char_starts, p.begin, side="right")) - 1
+    e = max(b, int(np.searchsorted(char_starts, p.end, side="left")))
+    ids.append(int(p.id))
+    spans.append((start + b, start + e))
+  return ids, spans
+
+
+def encode_with_offsets(tokenizer, text: str, *, add_special_tokens: bool = True) -> Tuple[List[int], np.ndarray]:
+  """`text` → (ids [n], character offsets int64 [n, 2]) as LLaMA's SentencePiece tokenizer encodes it.
+
+  With a SentencePiece model (see module doc): BOS (if the tokenizer adds one), then the text split at special /
+  added tokens, each of those one id and every other piece `sp.encode(piece)` (with its dummy-prefix `▁`), then
+  EOS (if the tokenizer adds one). Without one: the transformers tokenizer's own ids and offset mapping.
+  Special tokens added by the tokenizer get the zero-width span of where they sit.
+  """
+  sp = sentencepiece_model(tokenizer)
+  if sp is None:
+    return _hf_encode_with_offsets(tokenizer, text, add_special_tokens)
+  ids: List[int] = []
+  spans: List[Tuple[int, int]] = []
+  if add_special_tokens and getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+    ids.append(int(tokenizer.bos_token_id))
+    spans.append((0, 0))
+  pattern, pos = _added_token_pattern(tokenizer), 0
+  matches = list(pattern.finditer(text)) if pattern is not None else []
+  for m in matches + [None]:
+    end = m.start() if m is not None else len(text)
+    if end > pos:
+      piece_ids, piece_spans = _sentencepiece_piece(sp, text[pos:end], pos)
+      ids += piece_ids
+      spans += piece_spans
+    if m is not None:
+      ids.append(int(tokenizer.added_tokens_encoder[m.group()]))
+      spans.append((m.start(), m.end()))
+      pos = m.end()
+  if add_special_tokens and getattr(tokenizer, "add_eos_token", False) and tokenizer.eos_token_id is not None:
+    ids.append(int(tokenizer.eos_token_id))
+    spans.append((len(text), len(text)))
+  return ids, np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def _hf_encode_with_offsets(tokenizer, text: str, add_special_tokens: bool) -> Tuple[List[int], np.ndarray]:
+  try:
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+  except NotImplementedError as e:  # slow (python) tokenizers have no offsets
+    raise TypeError("encoding needs a SentencePiece model or a tokenizer with an offset mapping (a "
+                    f"tokenizers-backed 'fast' HF tokenizer); got {type(tokenizer).__name__}") from e
+  ids = [int(i) for i in enc["input_ids"]]
+  offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+  if len(ids) != offsets.shape[0]:
+    raise ValueError("tokenizer returned offsets that do not match its ids")
+  return ids, offsets
+
+
+def encode_text(tokenizer, text: str, *, add_special_tokens: bool = True) -> List[int]:
+  """Token ids of `text` by the rule of `encode_with_offsets` (use this, not `tokenizer(text)`, for LLaMA ids)."""
+  return encode_with_offsets(tokenizer, text, add_special_tokens=add_special_tokens)[0]
