@@ -16,11 +16,15 @@ Vicuna / LLaVA checkpoints saw those ids, so that is the rule here whenever the 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+_WARNED = set()
 
 
 def load_tokenizer(path: str, *, add_bos_token: bool = True):
@@ -93,6 +97,11 @@ def sentencepiece_model(tokenizer):
   `tokenizer.model`), or None when it has none (tokenizer.json-only BPE tokenizers such as LLaMA-3's)."""
   path = getattr(tokenizer, "vocab_file", None)
   if not isinstance(path, str) or not path.endswith(".model") or not os.path.isfile(path):
+    if "llama" in type(tokenizer).__name__.lower() and type(tokenizer).__name__ not in _WARNED:
+      _WARNED.add(type(tokenizer).__name__)
+      logger.warning("%s %r has no SentencePiece tokenizer.model: using its transformers encoding, whose ids differ "
+                     "from LLaMA's where a piece starts with a space or follows a special token",
+                     type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""))
     return None
   sp = _load_sentencepiece(os.path.abspath(path))
   for name, sp_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):

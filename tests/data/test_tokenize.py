@@ -332,6 +332,18 @@ def test_image_chunks_with_leading_space_are_sentencepiece(tiny_tokenizer, sp_mo
     assert list(got) == expected, prompt
 
 
+def test_exported_tokenizer_keeps_the_sentencepiece_ids(tiny_tokenizer, sp_model, tmp_path):
+  """transformers 5's save_pretrained writes no tokenizer.model; the export copies it so a reloaded tokenizer
+  encodes as in training."""
+  from llava_jax.checkpoints.export import _save_tokenizer
+  from llava_jax.data.tokenizer import encode_text, load_tokenizer, sentencepiece_model
+  _save_tokenizer(tiny_tokenizer, str(tmp_path))
+  reloaded = load_tokenizer(str(tmp_path))
+  assert sentencepiece_model(reloaded) is not None
+  for text in SP_CHUNKS:
+    assert encode_text(reloaded, text) == [1] + sp_model.encode(text)
+
+
 def test_token_flags_overlap_rule():
   """A token is supervised iff it overlaps a supervised character; zero-width tokens take the flag of the
   character they sit on (none past the end)."""
