@@ -11,7 +11,9 @@ already starts with a space (`" ASSISTANT"` → `['▁ASSISTANT']`, SentencePiec
 none after a special token (`"</s>USER"` → `'US'`, SentencePiece on the piece: `'▁US'`). The reference trained and
 evaluated with transformers' slow (SentencePiece) LlamaTokenizer in its legacy mode (LLaVA pins transformers
 4.31, `use_fast=False`): split the text at special / added tokens, `sp_model.encode` each piece on its own. LLaMA /
-Vicuna / LLaVA checkpoints saw those ids, so that is the rule here whenever the tokenizer has a SentencePiece model.
+Vicuna / LLaVA checkpoints saw those ids, so that is the rule here for every SentencePiece-style tokenizer: with
+its tokenizer.model, SentencePiece itself; with only a tokenizer.json (Metaspace + BPE, as transformers 5 saves
+it), that BPE model applied the SentencePiece way.
 """
 from __future__ import annotations
 
@@ -94,14 +96,9 @@ def _load_sentencepiece(path: str):
 
 def sentencepiece_model(tokenizer):
   """The SentencePiece processor behind a LLaMA-style transformers tokenizer (its `vocab_file`, a
-  `tokenizer.model`), or None when it has none (tokenizer.json-only BPE tokenizers such as LLaMA-3's)."""
+  `tokenizer.model`), or None when it has none (a tokenizer.json-only directory, LLaMA-3's BPE, ...)."""
   path = getattr(tokenizer, "vocab_file", None)
   if not isinstance(path, str) or not path.endswith(".model") or not os.path.isfile(path):
-    if "llama" in type(tokenizer).__name__.lower() and type(tokenizer).__name__ not in _WARNED:
-      _WARNED.add(type(tokenizer).__name__)
-      logger.warning("%s %r has no SentencePiece tokenizer.model: using its transformers encoding, whose ids differ "
-                     "from LLaMA's where a piece starts with a space or follows a special token",
-                     type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""))
     return None
   sp = _load_sentencepiece(os.path.abspath(path))
   for name, sp_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
@@ -119,29 +116,69 @@ def _added_token_pattern(tokenizer) -> Optional[re.Pattern]:
   return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
 
 
-def _sentencepiece_piece(sp, text: str, start: int) -> Tuple[List[int], List[Tuple[int, int]]]:
-  """`sp.encode(text)` ids and their character spans (offset by `start`); SentencePiece reports UTF-8 byte spans."""
-  proto = sp.encode(text, return_type="proto")
+def _char_spans(text: str, byte_spans, shift: int = 0) -> List[Tuple[int, int]]:
+  """UTF-8 byte spans into `text` → character spans, minus `shift` characters (clipped at 0)."""
   char_starts = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])  # byte offset of each char, then the end
-  ids, spans = [], []
-  for p in proto.pieces:
-    b = int(np.searchsorted(char_starts, p.begin, side="right")) - 1
-    e = max(b, int(np.searchsorted(char_starts, p.end, side="left")))
-    ids.append(int(p.id))
-    spans.append((start + b, start + e))
-  return ids, spans
+  out = []
+  for begin, end in byte_spans:
+    b = int(np.searchsorted(char_starts, begin, side="right")) - 1
+    e = max(b, int(np.searchsorted(char_starts, end, side="left")))
+    out.append((max(b - shift, 0), max(e - shift, 0)))
+  return out
+
+
+def _sentencepiece_encoder(sp):
+  """piece → (`sp.encode(piece)` ids, their character spans in the piece; SentencePiece reports byte spans)."""
+  def encode(piece: str):
+    proto = sp.encode(piece, return_type="proto")
+    return [int(p.id) for p in proto.pieces], _char_spans(piece, [(p.begin, p.end) for p in proto.pieces])
+  return encode
+
+
+def _metaspace_bpe_encoder(tokenizer):
+  """For a LLaMA tokenizer known only by its tokenizer.json (transformers 5 saves no tokenizer.model): its BPE
+  model applied to `'▁' + piece.replace(' ', '▁')`, which is SentencePiece's own encoding of the piece (dummy
+  prefix included, whatever the piece starts with), or None when the tokenizer is not of that kind."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None or backend.normalizer is not None:
+    return None
+  pre, model = backend.pre_tokenizer, backend.model
+  if type(pre).__name__ != "Metaspace" or type(model).__name__ != "BPE" or getattr(pre, "split", True):
+    return None
+  rep, prefix = pre.replacement, (pre.replacement if pre.prepend_scheme != "never" else "")
+
+  def encode(piece: str):
+    text = prefix + piece.replace(" ", rep)
+    toks = model.tokenize(text)
+    return [int(t.id) for t in toks], _char_spans(text, [t.offsets for t in toks], shift=len(prefix))
+  return encode
+
+
+def _piece_encoder(tokenizer):
+  """piece → (ids, char spans) as SentencePiece encodes it, or None when the tokenizer is not SentencePiece-like."""
+  sp = sentencepiece_model(tokenizer)
+  if sp is not None:
+    return _sentencepiece_encoder(sp)
+  encoder = _metaspace_bpe_encoder(tokenizer)
+  if encoder is None and "llama" in type(tokenizer).__name__.lower() and type(tokenizer).__name__ not in _WARNED:
+    _WARNED.add(type(tokenizer).__name__)
+    logger.warning("%s %r has neither a SentencePiece tokenizer.model nor a Metaspace BPE tokenizer.json: using "
+                   "its transformers encoding, whose ids may differ from LLaMA's where a piece starts with a space",
+                   type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""))
+  return encoder
 
 
 def encode_with_offsets(tokenizer, text: str, *, add_special_tokens: bool = True) -> Tuple[List[int], np.ndarray]:
   """`text` → (ids [n], character offsets int64 [n, 2]) as LLaMA's SentencePiece tokenizer encodes it.
 
-  With a SentencePiece model (see module doc): BOS (if the tokenizer adds one), then the text split at special /
-  added tokens, each of those one id and every other piece `sp.encode(piece)` (with its dummy-prefix `▁`), then
-  EOS (if the tokenizer adds one). Without one: the transformers tokenizer's own ids and offset mapping.
+  BOS (if the tokenizer adds one), then the text split at special / added tokens, each of those one id and every
+  other piece encoded on its own as SentencePiece does (with its dummy-prefix `▁`; see module doc) — by the
+  tokenizer's `tokenizer.model`, else by its tokenizer.json's BPE model applied the SentencePiece way — then EOS
+  (if the tokenizer adds one). Other tokenizers (LLaMA-3, ChatML BPE): their transformers ids and offset mapping.
   Special tokens added by the tokenizer get the zero-width span of where they sit.
   """
-  sp = sentencepiece_model(tokenizer)
-  if sp is None:
+  encode_piece = _piece_encoder(tokenizer)
+  if encode_piece is None:
     return _hf_encode_with_offsets(tokenizer, text, add_special_tokens)
   ids: List[int] = []
   spans: List[Tuple[int, int]] = []
@@ -153,9 +190,9 @@ def encode_with_offsets(tokenizer, text: str, *, add_special_tokens: bool = True
   for m in matches + [None]:
     end = m.start() if m is not None else len(text)
     if end > pos:
-      piece_ids, piece_spans = _sentencepiece_piece(sp, text[pos:end], pos)
+      piece_ids, piece_spans = encode_piece(text[pos:end])
       ids += piece_ids
-      spans += piece_spans
+      spans += [(pos + b, pos + e) for b, e in piece_spans]
     if m is not None:
       ids.append(int(tokenizer.added_tokens_encoder[m.group()]))
       spans.append((m.start(), m.end()))

@@ -344,6 +344,27 @@ def test_exported_tokenizer_keeps_the_sentencepiece_ids(tiny_tokenizer, sp_model
     assert encode_text(reloaded, text) == [1] + sp_model.encode(text)
 
 
+def test_tokenizer_json_only_encodes_as_sentencepiece(tiny_tokenizer, sp_model, tmp_path):
+  """A LLaMA tokenizer directory without tokenizer.model (transformers 5's save_pretrained writes only
+  tokenizer.json) still encodes every piece as SentencePiece does, and gives the same loss masks."""
+  import os
+  from llava_jax.data.tokenizer import encode_text, encode_with_offsets, load_tokenizer, sentencepiece_model
+  tiny_tokenizer.save_pretrained(str(tmp_path))
+  assert not os.path.exists(tmp_path / "tokenizer.model")
+  tok = load_tokenizer(str(tmp_path))
+  assert sentencepiece_model(tok) is None
+  for text in SP_CHUNKS:
+    assert encode_text(tok, text, add_special_tokens=False) == sp_model.encode(text), text
+    offsets = encode_with_offsets(tok, text)[1]  # (byte-fallback pieces of one char may span it differently)
+    assert (offsets[:, 0] <= offsets[:, 1]).all() and (np.diff(offsets[:, 0]) >= 0).all() and offsets.max() <= len(text)
+  text = "USER: hi ASSISTANT: a</s>USER: again </s><s>[INST] x"
+  assert encode_text(tok, text) == encode_text(tiny_tokenizer, text)
+  for name in ("vicuna_v1", "vicuna_v0"):
+    a, b = encode(TRICKY, name, tok, n_img=3, img_id=32000), encode(TRICKY, name, tiny_tokenizer, n_img=3, img_id=32000)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+
+
 def test_token_flags_overlap_rule():
   """A token is supervised iff it overlaps a supervised character; zero-width tokens take the flag of the
   character they sit on (none past the end)."""
