@@ -7,7 +7,9 @@ reviewed by a judge at any OpenAI-compatible endpoint against the reference answ
     --config.eval.reference_answers=llava-bench-in-the-wild/answers_gpt4.jsonl \\
     --config.eval.image_root=llava-bench-in-the-wild/images \\
     --config.eval.rule_file=LLaVA/llava/eval/table/rule.json --judge_model=gpt-4o [--judge_base_url=...]
-(OPENAI_API_KEY in the environment; without a rule file our own wording of the rules is used.)
+(OPENAI_API_KEY in the environment; without a rule file our own wording of the rules is used.) Numbers compare
+with published ones only with the reference's judge model (gpt-4-0314, retired) and rule.json: name the judge
+with every number (docs/evaluation.md). Answers as scripts/v1_5/eval/llavabench.sh: greedy, 1024 new tokens.
 """
 from llava_jax import recipes as r
 from llava_jax.eval.llava_bench import eval_config

@@ -28,16 +28,42 @@ def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> str:
 REFERENCE_IMAGE_ID = -200  # the original LLaVA's IMAGE_TOKEN_INDEX
 
 
+def reference_tokenize(tokenizer, text: str) -> list:
+  """The reference's `tokenizer(text).input_ids` for a LLaMA tokenizer: transformers 4.31's slow LlamaTokenizer
+  (LLaVA loads it with use_fast=False) in its legacy mode, re-expressed with sentencepiece itself: BOS, then the
+  text cut at the special / added tokens, each of those its id and every piece in between `sp.encode(piece)`.
+  A tokenizer without a SentencePiece model (no `vocab_file`) falls back to `tokenizer(text).input_ids`."""
+  import sentencepiece as spm
+  path = getattr(tokenizer, "vocab_file", None)
+  if not path or not os.path.isfile(path):
+    return list(tokenizer(text).input_ids)
+  sp = spm.SentencePieceProcessor(model_file=path)
+  specials = tokenizer.added_tokens_encoder
+  ids = [tokenizer.bos_token_id] if tokenizer.add_bos_token else []
+  piece, i = "", 0
+  while i < len(text):
+    hit = max((t for t in specials if text.startswith(t, i)), key=len, default=None)
+    if hit is None:
+      piece += text[i]
+      i += 1
+      continue
+    ids += sp.encode(piece) if piece else []
+    ids.append(specials[hit])
+    piece, i = "", i + len(hit)
+  return ids + (sp.encode(piece) if piece else [])
+
+
 def tokenizer_image_token(tokenizer, prompt: str, image_token: int = REFERENCE_IMAGE_ID,
                           num_image_tokens: int = 1) -> list:
   """The reference's `tokenizer_image_token` (LLaVA llava/mm_utils.py) as the oracle for our token ids.
 
-  Each chunk between `<image>`s is tokenized alone; when the first chunk starts with BOS, that BOS is kept
-  once at the front and the first token of every chunk is dropped; chunks are joined by the image id.
+  Each chunk between `<image>`s is tokenized alone (by `reference_tokenize`); when the first chunk starts with
+  BOS, that BOS is kept once at the front and the first token of every chunk is dropped; chunks are joined by the
+  image id.
   `num_image_tokens` > 1 widens each image id to llava-hf's expanded run of `image_token` placeholders.
   Returns a list of ints [T].
   """
-  chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+  chunks = [reference_tokenize(tokenizer, chunk) for chunk in prompt.split("<image>")]
   offset = int(bool(chunks[0]) and chunks[0][0] == tokenizer.bos_token_id)
   ids = list(chunks[0][:offset])
   for j, chunk in enumerate(chunks):

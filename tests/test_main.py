@@ -20,7 +20,7 @@ def _run(args, timeout=240):
   return proc
 
 
-@pytest.mark.parametrize("template,stop", [("vicuna_v1", "</s>"), ("vicuna_v0", "###")])
+@pytest.mark.parametrize("template,stop", [("vicuna_v1", "</s>"), ("vicuna_v0", "\n###")])  # v0 trains on "{a}\n###"
 def test_inspect_mode_writes_supervised_answers(tmp_path, template, stop):
   out = tmp_path / "samples.jsonl"
   proc = _run(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--mode=inspect", f"--inspect_out={out}",

@@ -193,6 +193,9 @@ def _save_tokenizer(tokenizer: Any, out_dir: str) -> None:
       shutil.copyfile(os.path.join(tokenizer, n), os.path.join(out_dir, n))
   elif hasattr(tokenizer, "save_pretrained"):
     tokenizer.save_pretrained(out_dir)
+    sp_model = getattr(tokenizer, "vocab_file", None)  # transformers 5 saves no tokenizer.model; our ids need it
+    if isinstance(sp_model, str) and sp_model.endswith(".model") and os.path.isfile(sp_model):
+      shutil.copyfile(sp_model, os.path.join(out_dir, "tokenizer.model"))
   else:
     raise TypeError(f"tokenizer must be a transformers tokenizer or a directory, got {type(tokenizer).__name__}")
 

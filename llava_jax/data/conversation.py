@@ -4,20 +4,38 @@ A rendered conversation is a list of `Segment(text, role, supervised, kind)` who
 exact prompt string the reference builds (original LLaVA: `llava/conversation.py` `get_prompt` after
 `llava/train/train.py` `preprocess_multimodal`). The `supervised` flags say which characters the loss sees:
 everything the model must generate after a generation prompt, i.e. each answer plus the stop that ends it
-(`</s>` for v1 / llama_2, `###` for v0, `\n` for plain). Loss masks are derived from these character spans by
-`llava_jax.data.tokenize`, never by re-tokenizing pieces and counting.
+(`</s>` for v1 / llama_2, `\n###` for v0 training text, `\n` for plain). Loss masks are derived from these
+character spans by `llava_jax.data.tokenize`, never by re-tokenizing pieces and counting.
 
 Input conversations are LLaVA JSON turns: `[{"from": "human" | "gpt", "value": str}, ...]`; "user" /
 "assistant" and the keys "role" / "content" are accepted too, and an optional leading "system" turn overrides
 the template's system text. Bad input raises `SampleError('malformed_conversation')`.
 
 Templates (names as in the reference's `conv_templates` where they exist):
-  vicuna_v0 (alias v0, llava_v0)  `{sys}###Human: {q}###Assistant: {a}###...`          (the paper)
+  vicuna_v0 (alias v0, default)   inference `{sys}###Human: {q}###Assistant: {a}###...`  (the paper), after the
+                                  reference's two-message worked example (conv_vicuna_v0.messages)
+  llava_v0                        as vicuna_v0 without the worked example (conv_llava_v0)
   vicuna_v1 (alias v1)            `{sys} USER: {q} ASSISTANT: {a}</s>USER: ...`          (LLaVA-1.5 training)
   llava_v1                        as vicuna_v1 with the "curious human" system text      (CLI inference)
   llama_2, llava_llama_2          `[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] ...`
-  plain (alias v0_plain)          `<image>{caption}\\n` (stage-1: the instruction is dropped)
+  plain (alias v0_plain)          `<image>{caption}\\n` (stage-1: the instruction is dropped); generation prompt
+                                  `<image>\\n{question}\\n` (the reference's PLAIN get_prompt), `<image>` alone
+                                  without a question
   chatml                          `<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n...` (extension example)
+
+Training text vs inference prompt. Most templates train on the string their generation prompt extends. The
+v0 templates do not: the reference trains v0 with its generic `preprocess` (`_add_speaker_and_signal`,
+BEGIN_SIGNAL "### ", END_SIGNAL "\\n") on
+  `{sys}\\n\\n### Human: {q}\\n### Assistant: {a}\\n### Human: ...\\n### Assistant: {a}\\n### `
+while its inference prompt is the `###` form above; `Template.training` holds that training format, and `render`
+uses it (so fine-tuning a paper-era checkpoint sees what it was trained on) while `render_generation` keeps the
+inference prompt. Supervised: each answer plus `\\n###`, the stop the model must emit (inference stops on `###`).
+The reference's own v0 mask drifts by at least one token per turn, a known reference bug we do not copy:
+`_tokenize_fn` / `get_tokenize_len` measure each turn tokenized alone, so a turn's length counts its own BOS (and
+the dummy-prefix `▁` a string start may add), and `_mask_targets` advances `cur_idx` by that, so each turn's span
+starts later than the turn really does, more so turn by turn: the ends of human turns become targets and later
+answers lose their first tokens. It also keeps the first two tokens of each (drifted) human span and the whole
+gpt turn, tag included ('### Assistant: a\\n'), as targets.
 """
 from __future__ import annotations
 
@@ -63,9 +81,14 @@ class Template:
         reply_prefix + a_i + stop                            supervised (what the model generates)
         assistant_suffix                                     tag, unsupervised
 
-  captions_only: stage-1 'plain' format: the user text is dropped (only its `<image>`s remain) and exactly
-    one round is allowed.
+  captions_only: stage-1 'plain' format: the user text is dropped (only its `<image>`s remain), exactly
+    one round is allowed and the human turn must hold an image (else SampleError('caption_without_image')).
+    A generation prompt is `<image>\\n{question}\\n` (or `<image>` alone when the question is only the image).
   stop_strings: strings that end a generated answer (for inference); `stop` itself is the trained one.
+  training: the template `render` uses for training text when the reference trains on a different string than
+    its inference prompt (v0); None: this one.
+  examples: (question, answer) rounds a generation prompt starts with after the system text (the reference's
+    `Conversation.messages` worked example, e.g. conv_vicuna_v0's); never in training text.
   """
   name: str
   system: str = ""
@@ -80,6 +103,8 @@ class Template:
   assistant_suffix: str = ""
   stop_strings: Tuple[str, ...] = ()
   captions_only: bool = False
+  training: Optional["Template"] = None
+  examples: Tuple[Tuple[str, str], ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -90,11 +115,19 @@ class Template:
       raise ValueError(f"template {self.name!r}: `stop` (the supervised end of an answer) must be non-empty, "
                        "otherwise a model never learns to stop")
     object.__setattr__(self, "stop_strings", tuple(self.stop_strings) or (self.stop,))
+    object.__setattr__(self, "examples", tuple((str(q), str(a)) for q, a in self.examples))
+    if self.training is not None and not isinstance(self.training, Template):
+      raise TypeError(f"template {self.name!r}: `training` must be a Template, got {type(self.training).__name__}")
 
   @property
   def generation_prefix(self) -> str:
     """The text a generation prompt ends with after the last user turn ('ASSISTANT:', '[/INST]', ...)."""
     return self.user_suffix + self.assistant_prefix
+
+  @property
+  def training_format(self) -> "Template":
+    """The template training text is rendered with (`training`, or this one)."""
+    return self.training if self.training is not None else self
 
   def replace(self, **kw) -> "Template":
     return dataclasses.replace(self, **kw)
@@ -149,9 +182,37 @@ SYSTEM_LLAVA_LLAMA_2 = (
 SYSTEM_CHATML = ("A conversation between a user and an LLM-based AI assistant. "
                  "The assistant gives helpful and honest answers.")
 
+# The reference's conv_vicuna_v0.messages: the worked example its v0 / default inference prompt starts with.
+VICUNA_V0_EXAMPLE = (
+    ("What are the key differences between renewable and non-renewable energy sources?",
+     "Renewable energy sources are those that can be replenished naturally in a relatively short amount of time, "
+     "such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other hand, are "
+     "finite and will eventually be depleted, such as coal, oil, and natural gas. Here are some key differences "
+     "between renewable and non-renewable energy sources:\n"
+     "1. Availability: Renewable energy sources are virtually inexhaustible, while non-renewable energy sources "
+     "are finite and will eventually run out.\n"
+     "2. Environmental impact: Renewable energy sources have a much lower environmental impact than non-renewable "
+     "sources, which can lead to air and water pollution, greenhouse gas emissions, and other negative effects.\n"
+     "3. Cost: Renewable energy sources can be more expensive to initially set up, but they typically have lower "
+     "operational costs than non-renewable sources.\n"
+     "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote locations "
+     "than non-renewable sources.\n"
+     "5. Flexibility: Renewable energy sources are often more flexible and can be adapted to different situations "
+     "and needs, while non-renewable sources are more rigid and inflexible.\n"
+     "6. Sustainability: Renewable energy sources are more sustainable over the long term, while non-renewable "
+     "sources are not, and their depletion can lead to economic and social instability.\n"),
+)
+# v0 training text (the reference's generic `preprocess`): `{sys}\n\n### Human: q\n### Assistant: a\n### ...`.
+# The "###" that opens the next turn is the answer's supervised stop; the first turn's "### " is its own tag.
+VICUNA_V0_TRAINING = Template(
+    name="vicuna_v0_training", system=SYSTEM_HUMAN, system_format="{system}\n\n", first_user_prefix="### Human: ",
+    user_prefix="Human: ", user_suffix="\n", assistant_prefix="### Assistant:", reply_prefix=" ", stop="\n###",
+    assistant_suffix=" ", stop_strings=("###",))
 VICUNA_V0 = Template(
     name="vicuna_v0", system=SYSTEM_HUMAN, system_format="{system}###", user_prefix="Human: ",
-    user_suffix="###", assistant_prefix="Assistant:", reply_prefix=" ", stop="###")
+    user_suffix="###", assistant_prefix="Assistant:", reply_prefix=" ", stop="###", training=VICUNA_V0_TRAINING,
+    examples=VICUNA_V0_EXAMPLE)
+LLAVA_V0 = VICUNA_V0.replace(name="llava_v0", examples=())
 VICUNA_V1 = Template(
     name="vicuna_v1", system=SYSTEM_USER, system_format="{system} ", user_prefix="USER: ", user_suffix=" ",
     assistant_prefix="ASSISTANT:", reply_prefix=" ", stop="</s>")
@@ -167,9 +228,9 @@ CHATML = Template(
     user_prefix="<|im_start|>user\n", user_suffix="<|im_end|>\n", assistant_prefix="<|im_start|>assistant\n",
     stop="<|im_end|>", assistant_suffix="\n")
 
-for _t in (VICUNA_V0, VICUNA_V1, LLAVA_V1, LLAMA_2, LLAVA_LLAMA_2, PLAIN, CHATML):
+for _t in (VICUNA_V0, LLAVA_V0, VICUNA_V1, LLAVA_V1, LLAMA_2, LLAVA_LLAMA_2, PLAIN, CHATML):
   register_template(_t.name, _t)
-for _alias, _t in (("v0", VICUNA_V0), ("llava_v0", VICUNA_V0), ("v1", VICUNA_V1), ("v0_plain", PLAIN)):
+for _alias, _t in (("v0", VICUNA_V0), ("default", VICUNA_V0), ("v1", VICUNA_V1), ("v0_plain", PLAIN)):
   register_template(_alias, _t)
 del _alias, _t
 
@@ -258,12 +319,16 @@ def _tag(text: str, role: str, out: List[Segment]):
 
 def _render(conversations, template, *, sample_id, images_to_front: bool, for_generation: bool) -> List[Segment]:
   tpl = get_template(template)
+  if not for_generation:
+    tpl = tpl.training_format
   system_override, turns = normalize_turns(conversations, sample_id=sample_id, for_generation=for_generation)
   system = tpl.system if system_override is None else system_override
-  if tpl.captions_only and len(turns) > (1 if for_generation else 2):
-    raise SampleError("malformed_conversation",
-                      f"template {tpl.name!r} takes exactly one human turn and one answer, got {len(turns)} turns",
-                      sample_id)
+  if tpl.captions_only:
+    return _render_captions_only(tpl, turns, sample_id=sample_id, for_generation=for_generation)
+  n_example_turns = 0
+  if for_generation and tpl.examples:  # the reference's worked example, before the real conversation
+    example_turns = [(role, text) for q, a in tpl.examples for role, text in (("user", q), ("assistant", a))]
+    turns, n_example_turns = example_turns + turns, len(example_turns)
   out: List[Segment] = []
   system_text = tpl.system_format.replace("{system}", system)
   if system_text and not tpl.system_in_first_user:
@@ -271,9 +336,7 @@ def _render(conversations, template, *, sample_id, images_to_front: bool, for_ge
   for i in range(0, len(turns), 2):
     question = turns[i][1]
     first = i == 0
-    if tpl.captions_only:
-      question = IMAGE_TOKEN * question.count(IMAGE_TOKEN)
-    elif images_to_front:
+    if images_to_front:
       question = move_images_to_front(question)
     _tag(tpl.first_user_prefix if first and tpl.first_user_prefix is not None else tpl.user_prefix, "user", out)
     if first and system_text and tpl.system_in_first_user:
@@ -283,15 +346,40 @@ def _render(conversations, template, *, sample_id, images_to_front: bool, for_ge
     _tag(tpl.assistant_prefix, "assistant", out)
     if i + 1 == len(turns):  # generation prompt: stop after the assistant tag
       break
-    answer = tpl.reply_prefix + turns[i + 1][1]
-    out.append(Segment(answer, "assistant", True, "text"))
-    out.append(Segment(tpl.stop, "assistant", True, "stop"))
+    supervised = i >= n_example_turns
+    out.append(Segment(tpl.reply_prefix + turns[i + 1][1], "assistant", supervised, "text"))
+    out.append(Segment(tpl.stop, "assistant", supervised, "stop"))
     _tag(tpl.assistant_suffix, "assistant", out)
   return out
 
 
+def _render_captions_only(tpl, turns, *, sample_id, for_generation: bool) -> List[Segment]:
+  """'plain' (the reference's preprocess_plain / PLAIN get_prompt): training `<image>{caption}{stop}` with the
+  instruction dropped; generation `<image>\\n{question}{stop}`, or the `<image>` alone when the human turn holds
+  nothing else. The human turn must hold an image: a caption of no image teaches nothing (the reference asserts)."""
+  if len(turns) > (1 if for_generation else 2):
+    raise SampleError("malformed_conversation",
+                      f"template {tpl.name!r} takes exactly one human turn and one answer, got {len(turns)} turns",
+                      sample_id)
+  question = turns[0][1]
+  n_images = question.count(IMAGE_TOKEN)
+  if n_images == 0:
+    raise SampleError("caption_without_image", f"template {tpl.name!r} captions images, but the human turn holds "
+                      f"no {IMAGE_TOKEN} (a text-only row)", sample_id)
+  out = [Segment(IMAGE_TOKEN, "user", False, "image") for _ in range(n_images)]
+  if for_generation:
+    text = question.replace(IMAGE_TOKEN, "").strip()
+    if text:  # the reference's PLAIN get_prompt: system "" + "<image>\\n" + question + sep "\\n"
+      out += [Segment("\n" + text, "user", False, "text"), Segment(tpl.stop, "user", False, "tag")]
+    return out
+  out.append(Segment(turns[1][1], "assistant", True, "text"))
+  out.append(Segment(tpl.stop, "assistant", True, "stop"))
+  return out
+
+
 def render(conversations, template, *, sample_id=None, images_to_front: bool = True) -> List[Segment]:
-  """A training conversation (ending with an answer) → segments; `prompt_text(segments)` is the full prompt.
+  """A training conversation (ending with an answer) → segments of the template's training text
+  (`Template.training_format`); `prompt_text(segments)` is the full prompt.
 
   images_to_front: move each human turn's `<image>`s to its front as the reference does (False keeps them
     where the data put them, for interleaved multi-image data).
@@ -302,7 +390,9 @@ def render(conversations, template, *, sample_id=None, images_to_front: bool = T
 
 def render_generation(conversations, template, *, sample_id=None, images_to_front: bool = True) -> List[Segment]:
   """A conversation ending with a human turn → segments of the prompt the model continues (ends with the
-  template's generation prefix: 'ASSISTANT:' for v1, '###Assistant:' for v0, '[/INST]' for llama_2)."""
+  template's generation prefix: 'ASSISTANT:' for v1, '###Assistant:' for v0, '[/INST]' for llama_2). This is the
+  inference prompt: v0 / default start with the reference's worked example (`Template.examples`), and v0 uses its
+  `###` form, not the training text (`Template.training`)."""
   return _render(conversations, template, sample_id=sample_id, images_to_front=images_to_front,
                  for_generation=True)
 

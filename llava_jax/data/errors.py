@@ -11,6 +11,7 @@ REASONS = (
     "too_long",                # cannot be truncated without cutting an image run / losing all answers, or more
                                # images than max_images_per_sample
     "no_supervised_tokens",    # nothing left for the loss after truncation
+    "caption_without_image",   # a captions-only ('plain') template on a row without an image
 )
 
 

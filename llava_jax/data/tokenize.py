@@ -1,9 +1,10 @@
 """Rendered conversation → `input_ids` with image placeholder runs and a loss mask from segment spans.
 
 Token ids are exactly the reference's (LLaVA `tokenizer_image_token`): the prompt is split at each `<image>`,
-every chunk is tokenized on its own by the HF tokenizer (with its BOS), the BOS is kept once at the front and
-stripped from the other chunks, and each `<image>` becomes a run of `num_image_tokens` copies of
-`image_token_index` (the reference inserts one -200 that the model later widens to 256 / 576 features).
+every chunk is tokenized on its own as LLaMA's SentencePiece tokenizer encodes it, with its BOS (see
+`llava_jax.data.tokenizer.encode_with_offsets` for why not by transformers 5's LlamaTokenizer alone), the BOS is
+kept once at the front and stripped from the other chunks, and each `<image>` becomes a run of `num_image_tokens`
+copies of `image_token_index` (the reference inserts one -200 that the model later widens to 256 / 576 features).
 
 The loss mask comes from character spans: each chunk is tokenized with an offset mapping, and a token is
 supervised iff its characters overlap a supervised segment (a zero-width token takes the flag of the
@@ -19,6 +20,7 @@ import numpy as np
 
 from llava_jax.data import conversation as conv_lib
 from llava_jax.data.errors import SampleError
+from llava_jax.data.tokenizer import encode_with_offsets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +62,9 @@ def _chunks(segments: Sequence[conv_lib.Segment]) -> List[Tuple[str, np.ndarray]
 
 
 def _tokenize_chunk(tokenizer, text: str):
-  """HF tokenizer call on one chunk → (ids list, offsets int [n, 2]) with the tokenizer's own special tokens."""
-  try:
-    enc = tokenizer(text, return_offsets_mapping=True)
-  except NotImplementedError as e:  # slow (python) tokenizers have no offsets
-    raise TypeError("encoding needs a tokenizer with an offset mapping (a tokenizers-backed 'fast' HF "
-                    f"tokenizer); got {type(tokenizer).__name__}") from e
-  ids = list(enc["input_ids"])
-  offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-  if len(ids) != offsets.shape[0]:
-    raise ValueError("tokenizer returned offsets that do not match its ids")
-  return ids, offsets
+  """One chunk → (ids list, offsets int [n, 2]) with the tokenizer's own special tokens, as SentencePiece encodes
+  it (`tokenizer.encode_with_offsets`: transformers 5 alone drops the dummy-prefix `▁` before a leading space)."""
+  return encode_with_offsets(tokenizer, text)
 
 
 def _token_flags(offsets: np.ndarray, char_flags: np.ndarray) -> np.ndarray:

@@ -18,15 +18,21 @@ JUDGE_SYSTEM; user
   "[{role} 2]\\n{our answer}\\n\\n[End of {role} 2]\\n\\n[System]\\n{rule prompt}\\n\\n"
 (the box block only for COCO contexts), temperature 0.2. The judge writes the two scores on its first line.
 
-Scoring: the first line, commas read as spaces, must split (on whitespace) into exactly two finite numbers:
-(reference score, our score); anything else is a parse failure. The reference (summarize_gpt_review.py)
-averages a failure in as (-1, -1) without saying so; here failures are left out of the means and counted
-separately, and the reference's number is reported next to ours as "reference_method". Per category (conv,
-detail, complex) and overall: relative score = mean(ours) / mean(reference) × 100.
+Scoring, ours ("relative"): the first line, commas read as spaces, must split (on any whitespace) into exactly
+two finite numbers (reference score, our score); anything else is a parse failure, left out of the means and
+counted and listed separately. Per category (conv, detail, complex) and overall: relative score =
+mean(ours) / mean(reference) × 100.
+
+The reference's number ("reference_method"), computed by the reference's own rules: its `parse_score`
+(eval_gpt_review*.py: first line, commas → spaces, `split(' ')` — a single space — must give exactly two parts,
+each `float()`; else (-1, -1)) and its summarize_gpt_review.py (mean of every tuple, failures included as
+(-1, -1), means rounded to 3 decimals, round(mean2 / mean1 × 100, 1)). So "8, 7" (→ '8', '', '7'), "8 7 " and
+"8  7" are (-1, -1) there, and "nan 7" parses; ours reads the first three as scores and rejects the last.
 
 Reviews are written to reviews.jsonl as the reference's review files ({"id", "question_id", "answer1_id",
-"answer2_id", "category", "content", "tuple"} plus "parsed" and a prompt fingerprint) as they arrive; a rerun
-asks only for the reviews that are missing (or whose prompt changed).
+"answer2_id", "category", "content", "tuple"} with "tuple" = the reference's `parse_score`, so its
+summarize_gpt_review.py reads the file as its own, plus "scores" (ours, or null), "parsed" and a prompt
+fingerprint) as they arrive; a rerun asks only for the reviews that are missing (or whose prompt changed).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
+import numpy as np
 
 from llava_jax.eval import openai_client
 from llava_jax.eval.predict import Question, answer_questions, read_answers
@@ -218,10 +225,24 @@ def review_answers(items: Sequence[BenchItem], answers: Mapping[str, Mapping], c
   return reviews, failures, unanswered
 
 
+def reference_parse_score(review) -> List[float]:
+  """The reference's `parse_score` (llava/eval/eval_gpt_review*.py) re-expressed: [score 1, score 2] or
+  [-1, -1] (see the module docstring: `split(' ')`, so doubled or trailing spaces fail; `float()` accepts
+  'nan' / 'inf')."""
+  try:
+    parts = review.split("\n")[0].replace(",", " ").split(" ")
+    if len(parts) == 2:
+      return [float(parts[0]), float(parts[1])]
+    return [-1, -1]
+  except Exception:  # noqa: BLE001 — the reference catches everything (a non-string review, a non-number)
+    return [-1, -1]
+
+
 def _scored(review: Mapping) -> dict:
-  """The review's "tuple" as the reference stores it ((-1, -1) when unparsable) and whether it parsed."""
+  """The review's "tuple" as the reference stores it (its `parse_score`), our "scores" and whether they parsed."""
   scores = parse_scores(review["content"])
-  return {"tuple": list(scores) if scores else [-1, -1], "parsed": scores is not None}
+  return {"tuple": reference_parse_score(review["content"]), "scores": list(scores) if scores else None,
+          "parsed": scores is not None}
 
 
 def base_category(category: str) -> str:
@@ -229,12 +250,14 @@ def base_category(category: str) -> str:
 
 
 def summarize(reviews: Sequence[Mapping]) -> dict:
-  """Scores per category and overall from reviews ({"category", "tuple", "parsed"} each).
+  """Scores per category and overall from reviews ({"category", "tuple", "scores", "parsed"} each; without
+  "scores", a parsed review's "tuple" is taken as ours).
 
-  Per group: n (reviews), parsed, parse_failures, reference_mean, model_mean (over parsed reviews),
-  relative = model_mean / reference_mean × 100 (None when nothing parsed or the reference mean is 0), and
-  reference_method: the reference's number (failures averaged in as -1, means rounded to 3 decimals, the ratio
-  × 100 rounded to 1 decimal).
+  Per group: n (reviews), parsed, parse_failures, reference_mean, model_mean (over reviews whose "scores" —
+  ours — parsed), relative = model_mean / reference_mean × 100 (None when nothing parsed or the reference mean
+  is 0), and reference_method: summarize_gpt_review.py's number over the reviews' "tuple"s (the reference's
+  `parse_score`, failures as (-1, -1)): means rounded to 3 decimals, the ratio × 100 rounded to 1 decimal
+  (None where the reference would divide by zero).
   """
   groups: Dict[str, List[Mapping]] = {c: [] for c in CATEGORIES}
   for r in reviews:
@@ -242,15 +265,14 @@ def summarize(reviews: Sequence[Mapping]) -> dict:
   groups["overall"] = list(reviews)
   out = {}
   for name, rs in groups.items():
-    ok = [r["tuple"] for r in rs if r.get("parsed")]
+    ok = [r["scores"] if "scores" in r else r["tuple"] for r in rs if r.get("parsed")]
     ref_mean = sum(t[0] for t in ok) / len(ok) if ok else None
     our_mean = sum(t[1] for t in ok) / len(ok) if ok else None
     relative = 100.0 * our_mean / ref_mean if ok and ref_mean else None
-    every = [r["tuple"] if r.get("parsed") else [-1, -1] for r in rs]
+    every = [r["tuple"] for r in rs]
     ref_method = None
     if every:
-      m0 = round(sum(t[0] for t in every) / len(every), 3)
-      m1 = round(sum(t[1] for t in every) / len(every), 3)
+      m0, m1 = (round(float(x), 3) for x in np.asarray(every, dtype=np.float64).mean(0))  # as the reference
       ref_method = round(m1 / m0 * 100, 1) if m0 else None
     out[name] = {"n": len(rs), "parsed": len(ok), "parse_failures": len(rs) - len(ok), "reference_mean": ref_mean,
                  "model_mean": our_mean, "relative": relative, "reference_method": ref_method}

@@ -58,9 +58,10 @@ def parse_answer(text: str, num_choices: int, options: Sequence[str] = OPTIONS,
                  rules: str = "v1.5") -> Tuple[str, int]:
   """(parsed letter or 'FAILED', option index or -1) by the reference's rules (see the module docstring).
 
-  rules: 'v1.5' (default; the eval_science_qa.py the LLaVA-1.5 numbers were computed with) or 'latest' (the
-  script's later revision: newlines become '. ', the text is stripped before the letter test, and the first
-  `The answer is ([A-E])\\.` — else `The answer is ([A-E])` — match wins however many there are).
+  rules: 'v1.5' (default; the eval_science_qa.py the LLaVA-1.5 numbers were computed with, and the only rules on
+  the reference's main branch) or 'latest' (the revision proposed in LLaVA pull request #1279, never merged:
+  newlines become '. ', the text is stripped before the letter test, and the first `The answer is ([A-E])\\.` —
+  else `The answer is ([A-E])` — match wins however many there are; numbers with it are not the reference's).
   """
   options = tuple(options)
   if not isinstance(text, str):
@@ -87,6 +88,12 @@ def parse_answer(text: str, num_choices: int, options: Sequence[str] = OPTIONS,
     raise ValueError(f"rules={rules!r}; choose 'v1.5' or 'latest'")
   valid = options[:num_choices]
   return answer, (valid.index(answer) if answer in valid else -1)
+
+
+def percent(correct: int, total: int) -> Optional[float]:
+  """correct / total * 100 in the reference's order of operations (eval_science_qa.py): 23/160 prints 14.37
+  there, where 100 * 23 / 160 = 14.375 exactly would print 14.38. None for total 0."""
+  return correct / total * 100 if total else None
 
 
 def problem_columns(meta: Mapping) -> List[str]:
@@ -116,7 +123,7 @@ def table7(records: Sequence[Mapping], correct: Mapping[str, bool]) -> Tuple[Dic
     for col in problem_columns(rec["meta"]) + ["Avg"]:
       counts[col] += 1
       hits[col] += ok
-  acc = {c: (100.0 * hits[c] / counts[c] if counts[c] else None) for c in TABLE7_COLUMNS}
+  acc = {c: percent(hits[c], counts[c]) for c in TABLE7_COLUMNS}
   return acc, counts
 
 
@@ -145,7 +152,7 @@ def score_predictions(records: Sequence[Mapping], predictions: Mapping[str, str]
   acc, counts = table7(records, correct)
   n_correct = sum(correct.values())
   return {"count": len(records), "correct": n_correct,
-          "accuracy": 100.0 * n_correct / len(records) if records else None, "table7": acc,
+          "accuracy": percent(n_correct, len(records)), "table7": acc,
           "column_counts": counts, "parse_failures": failures, "missing": missing, "results": results}
 
 
@@ -266,7 +273,7 @@ def judge_ensemble(records: Sequence[Mapping], predictions: Mapping[str, str], c
   return {
       "second_model": second_score,
       "ensemble": {"count": len(records), "correct": n_correct,
-                   "accuracy": 100.0 * n_correct / len(records) if records else None, "table7": acc,
+                   "accuracy": percent(n_correct, len(records)), "table7": acc,
                    "column_counts": counts},
       "outcomes": outcomes,
       "request_failures": {"second": sorted(fail1), "decide": sorted(fail2)},

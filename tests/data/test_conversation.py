@@ -48,6 +48,24 @@ def _oracle_prompt(style, system, roles, sep, sep2, messages):
   raise ValueError(style)
 
 
+def _oracle_v0_training(system, turns):
+  """The reference's generic `preprocess` text for v0 (llava/train/train.py `_add_speaker_and_signal`): header
+  `system + "\\n\\n"`, each turn `"### " + role + ": " + value + "\\n"`, then a final `"### "`; `turns` after the
+  reference's image move."""
+  out = f"{system}\n\n"
+  for t in turns:
+    role = {"human": "Human", "gpt": "Assistant"}[t["from"]]
+    out += "### " + role + ": " + t["value"] + "\n"
+  return out + "### "
+
+
+# The reference's conv_vicuna_v0.messages (llava/conversation.py), spelled out independently of the module.
+V0_EXAMPLE_Q = "What are the key differences between renewable and non-renewable energy sources?"
+V0_EXAMPLE_A_START = "Renewable energy sources are those that can be replenished naturally in a relatively short amount"
+V0_EXAMPLE_A_END = ("6. Sustainability: Renewable energy sources are more sustainable over the long term, while "
+                    "non-renewable sources are not, and their depletion can lead to economic and social instability.\n")
+
+
 def _oracle_move(value):
   """The reference's preprocess_multimodal on one turn holding `<image>`."""
   if "<image>" not in value:
@@ -56,7 +74,6 @@ def _oracle_move(value):
 
 
 ORACLE = {
-    "vicuna_v0": ("single", SYS_HUMAN, ("Human", "Assistant"), "###", None),
     "vicuna_v1": ("two", SYS_USER, ("USER", "ASSISTANT"), " ", "</s>"),
     "llava_v1": ("two", SYS_HUMAN, ("USER", "ASSISTANT"), " ", "</s>"),
     "llava_llama_2": ("llama_2", SYS_LLAVA_LLAMA_2, ("USER", "ASSISTANT"), "<s>", "</s>"),
@@ -70,9 +87,11 @@ def test_exact_strings_written_out():
       SYS_USER + " USER: " + img_q + " ASSISTANT: A red square.</s>USER: Where is it? ASSISTANT: On the left.</s>")
   assert C.prompt_text(C.render(CONV, "llava_v1")) == (
       SYS_HUMAN + " USER: " + img_q + " ASSISTANT: A red square.</s>USER: Where is it? ASSISTANT: On the left.</s>")
-  assert C.prompt_text(C.render(CONV, "vicuna_v0")) == (
-      SYS_HUMAN + "###Human: " + img_q + "###Assistant: A red square.###Human: Where is it?###"
-      "Assistant: On the left.###")
+  assert C.prompt_text(C.render(CONV, "vicuna_v0")) == (  # v0 training text (see test_v0_training_text)
+      SYS_HUMAN + "\n\n### Human: " + img_q + "\n### Assistant: A red square.\n### Human: Where is it?\n"
+      "### Assistant: On the left.\n### ")
+  assert C.generation_prompt(CONV[:3], "llava_v0") == (  # v0 inference prompt (conv_llava_v0: no example)
+      SYS_HUMAN + "###Human: " + img_q + "###Assistant: A red square.###Human: Where is it?###Assistant:")
   assert C.prompt_text(C.render(CONV, "llava_llama_2")) == (
       "[INST] <<SYS>>\n" + SYS_LLAVA_LLAMA_2 + "\n<</SYS>>\n\n" + img_q + " [/INST] A red square. </s>"
       "<s>[INST] Where is it? [/INST] On the left. </s>")
@@ -117,7 +136,8 @@ def test_generation_prompt_endings():
   assert C.generation_prompt(q, "vicuna_v0").endswith("###Human: Where is it?###Assistant:")
   assert C.generation_prompt(q, "llava_llama_2").endswith("</s><s>[INST] Where is it? [/INST]")
   assert C.generation_prompt(q, "chatml").endswith("<|im_start|>user\nWhere is it?<|im_end|>\n<|im_start|>assistant\n")
-  assert C.generation_prompt(CONV[:1], "plain") == "<image>"
+  assert C.generation_prompt(CONV[:1], "plain") == "<image>\nWhat is in the picture?\n"  # PLAIN get_prompt
+  assert C.generation_prompt([{"from": "human", "value": "<image>"}], "plain") == "<image>"
   for name in ("vicuna_v1", "vicuna_v0", "llama_2", "chatml"):
     assert C.generation_prompt(q, name).endswith(C.get_template(name).generation_prefix)
 
@@ -134,7 +154,7 @@ def test_stop_strings():
 @pytest.mark.parametrize("name", ["vicuna_v0", "vicuna_v1", "llava_v1", "llama_2", "llava_llama_2", "chatml"])
 def test_segments_supervise_answers_and_stops_only(name):
   segs = C.render(CASES[4], name)
-  tpl = C.get_template(name)
+  tpl = C.get_template(name).training_format
   sup = [s for s in segs if s.supervised]
   answers = [t["value"] for t in CASES[4][1::2]]
   assert [s.text for s in sup] == [x for a in answers for x in (tpl.reply_prefix + a, tpl.stop)]
@@ -143,6 +163,36 @@ def test_segments_supervise_answers_and_stops_only(name):
   assert all(not s.supervised for s in segs if s.role in ("user", "system"))
   # The user's literal "ASSISTANT:" / "###" / "</s>" stays in one unsupervised user segment.
   assert any(s.text == "Say ASSISTANT: and ### and </s>" and s.role == "user" and not s.supervised for s in segs)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("name", ["vicuna_v0", "v0", "llava_v0", "default"])
+def test_v0_training_text_is_the_references_preprocess(name, case):
+  """v0 trains on the reference's generic `preprocess` string, not on its inference prompt."""
+  turns = CASES[case]
+  moved = [dict(t, value=_oracle_move(t["value"])) for t in turns]
+  assert C.prompt_text(C.render(turns, name)) == _oracle_v0_training(SYS_HUMAN, moved)
+  # What the loss sees: each answer (after the ' ' of 'Assistant: ') and the '\n###' the model must emit.
+  sup = [s.text for s in C.render(turns, name) if s.supervised]
+  assert sup == [x for t in turns[1::2] for x in (" " + t["value"], "\n###")]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_v0_inference_prompt_has_the_references_worked_example(case):
+  """v0 / default (conv_vicuna_v0) start with its two-message example; llava_v0 (conv_llava_v0) has none."""
+  turns = CASES[case][:-1]
+  msgs = [(("Human", "Assistant")[i % 2], _oracle_move(t["value"])) for i, t in enumerate(turns)]
+  plain = _oracle_prompt("single", SYS_HUMAN, None, "###", None, msgs + [("Assistant", None)])
+  assert C.generation_prompt(turns, "llava_v0") == plain
+  example = C.get_template("v0").examples
+  assert len(example) == 1 and example[0][0] == V0_EXAMPLE_Q
+  assert example[0][1].startswith(V0_EXAMPLE_A_START) and example[0][1].endswith(V0_EXAMPLE_A_END)
+  with_example = _oracle_prompt("single", SYS_HUMAN, None, "###", None,
+                                [("Human", example[0][0]), ("Assistant", example[0][1])] + msgs + [("Assistant", None)])
+  for name in ("v0", "default", "vicuna_v0"):
+    assert C.generation_prompt(turns, name) == with_example
+  assert with_example.startswith(SYS_HUMAN + "###Human: " + V0_EXAMPLE_Q + "###Assistant: " + V0_EXAMPLE_A_START)
+  assert C.stop_strings("v0") == ("###",)
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -177,6 +227,29 @@ def test_plain_drops_instruction():
   with pytest.raises(SampleError) as e:
     C.render(CONV, "plain")
   assert e.value.reason == "malformed_conversation"
+
+
+@pytest.mark.parametrize("for_generation", [False, True])
+def test_plain_text_only_row_is_a_counted_skip(for_generation):
+  """A caption of no image (the reference's preprocess_plain asserts '<image>' in the turn): SampleError with
+  its own reason, so the pipeline counts and logs the skip."""
+  turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A dog."}]
+  with pytest.raises(SampleError) as e:
+    if for_generation:
+      C.generation_prompt(turns[:1], "plain")
+    else:
+      C.render(turns, "plain", sample_id="t1")
+  assert e.value.reason == "caption_without_image"
+  assert e.value.sample_id == (None if for_generation else "t1")
+
+
+@pytest.mark.parametrize("question", ["What is this?", "<image>\nWhat is this?", "What is this? <image>",
+                                      "  <image>  What is this?  "])
+def test_plain_generation_prompt_is_the_references(question):
+  """The reference's PLAIN get_prompt: system '' + '<image>\\n' + question (image removed, stripped) + sep '\\n'."""
+  turn = question if "<image>" in question else question + "\n<image>"
+  msg = "<image>\n" + turn.replace("<image>", "").strip()
+  assert C.generation_prompt([{"from": "human", "value": turn}], "plain") == "" + msg + "\n"
 
 
 def test_roles_keys_and_system_override():
@@ -227,7 +300,8 @@ def test_registry():
   assert {"vicuna_v0", "vicuna_v1", "llava_v1", "llama_2", "llava_llama_2", "plain", "chatml"} <= set(
       C.template_names())
   assert C.get_template("v1") is C.get_template("vicuna_v1")
-  assert C.get_template("v0") is C.get_template("vicuna_v0")
+  assert C.get_template("v0") is C.get_template("vicuna_v0") is C.get_template("default")
+  assert C.get_template("llava_v0").examples == () and C.get_template("llava_v0").training is C.VICUNA_V0_TRAINING
   tpl = C.get_template("chatml")
   assert C.get_template(tpl) is tpl
   with pytest.raises(ValueError) as e:

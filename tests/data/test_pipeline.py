@@ -687,8 +687,9 @@ def test_inspect_writes_jsonl_and_marks_supervised_spans(hostile, tiny_tokenizer
   system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
             "helpful, detailed, and polite answers to the user's questions.")
   img = f"<image×{NUM_IMAGE_TOKENS}>"
+  # ("</s> USER": after a special token the reference's SentencePiece encoding starts with the dummy-prefix '▁')
   assert two["text"] == (f"<s> {system} USER: {img}\nWhat is this? ASSISTANT: A picture.</s>"
-                         f"USER: {img}\nAnd this one ASSISTANT: Another picture.</s>")
+                         f" USER: {img}\nAnd this one ASSISTANT: Another picture.</s>")
   assert [s.strip() for s in two["supervised_text"]] == ["A picture.</s>", "Another picture.</s>"]
   assert lines[1]["supervised_text"][0].strip() == "Hi.</s>"
   assert lines[2]["skip"] == "missing_file" and "nowhere.png" in lines[2]["error"]

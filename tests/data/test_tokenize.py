@@ -8,7 +8,7 @@ import pytest
 from llava_jax.data import conversation as C
 from llava_jax.data import tokenize as T
 from llava_jax.data.errors import SampleError
-from tests.fixtures import tokenizer_image_token
+from tests.fixtures import reference_tokenize, tokenizer_image_token
 
 IGNORE = -100
 REF_IMAGE_ID = -200
@@ -26,8 +26,9 @@ def ref_rounds_labels(tok, prompt, answer_sep, round_sep="</s>"):
   split the prompt into rounds at '</s>', re-tokenize each round and its instruction, count lengths.
   Returns (ids, labels, mismatch)."""
   has_image = "<image>" in prompt
-  ids = ref_tokenizer_image_token(tok, prompt) if has_image else tok(prompt).input_ids
-  count = (lambda s: len(ref_tokenizer_image_token(tok, s))) if has_image else (lambda s: len(tok(s).input_ids))
+  tokenize = ref_tokenizer_image_token if has_image else reference_tokenize
+  count = lambda s: len(tokenize(tok, s))  # noqa: E731
+  ids = tokenize(tok, prompt)
   labels = list(ids)
   total = sum(1 for x in ids if x != tok.unk_token_id)  # pad = unk in the reference
   cur = 1
@@ -54,6 +55,25 @@ def ref_plain_labels(tok, image_value, caption):
   labels = list(ids)
   n = len(ref_tokenizer_image_token(tok, image_value))
   labels[:n] = [IGNORE] * n
+  return ids, labels
+
+
+def ref_v0_labels(tok, turns):
+  """The reference's generic `preprocess` for v0 (`_add_speaker_and_signal`, `_tokenize_fn` / `get_tokenize_len`,
+  `_mask_targets`) on turns after its image move. Returns (ids, labels)."""
+  header = C.SYSTEM_HUMAN + "\n\n"
+  values = ["### " + {"human": "Human", "gpt": "Assistant"}[t["from"]] + ": " + t["value"] + "\n" for t in turns]
+  conversation = header + "".join(values) + "### "
+  tokenize = ref_tokenizer_image_token if "<image>" in conversation else reference_tokenize
+  ids = tokenize(tok, conversation)
+  lens = [len(tokenize(tok, s)) for s in [header] + values]
+  labels = list(ids)
+  cur = lens[0]
+  labels[:cur] = [IGNORE] * cur
+  for n, t in zip(lens[1:], turns):
+    if t["from"] == "human":
+      labels[cur + 2:cur + n] = [IGNORE] * len(labels[cur + 2:cur + n])
+    cur += n
   return ids, labels
 
 
@@ -168,6 +188,25 @@ def test_reference_mismatch_but_spans_are_right(tiny_tokenizer, name, user_text)
                      (tpl.reply_prefix + "Sure." + tpl.stop).removeprefix(" ")]
 
 
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_v0_training_ids_are_the_references_and_mask_is_answers_plus_stop(tiny_tokenizer, case):
+  """v0 trains on the reference's `preprocess` text: same ids as the reference; the mask is exactly each answer
+  plus '\\n###', where the reference's `_mask_targets` drifts (each turn counted tokenized alone: its own BOS and
+  dummy-prefix '▁'), keeps '### Assistant: ' tags and pieces of human turns as targets and, turn by turn, drops
+  the start of later answers."""
+  turns = PARITY_CASES[case]
+  moved = [dict(t, value=C.move_images_to_front(t["value"])) for t in turns]
+  ref_ids, ref_labels = ref_v0_labels(tiny_tokenizer, moved)
+  enc = encode(turns, "v0", tiny_tokenizer)
+  np.testing.assert_array_equal(enc.input_ids, ref_ids)
+  runs = supervised_runs(enc.input_ids, enc.loss_mask)
+  assert [tiny_tokenizer.decode(r) for r in runs] == [t["value"] + "\n###" for t in turns[1::2]]
+  ref_mask = np.array([lab != IGNORE for lab in ref_labels])
+  assert (ref_mask & ~enc.loss_mask).any()  # the reference supervises tags / human text we do not
+  if len(turns) >= 4:  # by the second answer the drift has eaten its first tokens
+    assert (enc.loss_mask & ~ref_mask).any()
+
+
 # ---------------------------------------------------------------------------------------------- masks
 
 TRICKY = [H("Say ### and ASSISTANT: and Assistant: and [/INST] please\n<image>"), G("Done ### ok."),
@@ -176,7 +215,7 @@ TRICKY = [H("Say ### and ASSISTANT: and Assistant: and [/INST] please\n<image>")
 
 @pytest.mark.parametrize("name", ["vicuna_v0", "vicuna_v1", "llava_v1", "llama_2", "llava_llama_2", "chatml"])
 def test_supervised_runs_are_answers_plus_stop(tiny_tokenizer, name):
-  tpl = C.get_template(name)
+  tpl = C.get_template(name).training_format  # v0 trains on its own text (`{a}\\n###`), see conversation.py
   enc = encode(TRICKY, name, tiny_tokenizer, n_img=3, img_id=32000, num_images=1)
   runs = supervised_runs(enc.input_ids, enc.loss_mask)
   answers = [t["value"] for t in TRICKY[1::2]]
@@ -195,14 +234,15 @@ def test_generation_prompt_is_prefix_and_supervision_starts_after_it(tiny_tokeni
   """Everything the model must generate after a generation prompt is supervised, nothing before it."""
   enc = encode(TRICKY, name, tiny_tokenizer)
   starts = [i for i in range(1, len(enc)) if enc.loss_mask[i] and not enc.loss_mask[i - 1]]
+  tpl = C.get_template(name).training_format  # (v0's inference prompt is another string: no prefix of its text)
   for k, start in enumerate(starts):
-    gen = T.encode_generation_prompt(TRICKY[:2 * k + 1], name, tiny_tokenizer, num_image_tokens=1,
+    gen = T.encode_generation_prompt(TRICKY[:2 * k + 1], tpl, tiny_tokenizer, num_image_tokens=1,
                                      image_token_index=REF_IMAGE_ID)
     assert gen.dtype == np.int32
     np.testing.assert_array_equal(gen, enc.input_ids[:len(gen)])
     assert start == len(gen)
     np.testing.assert_array_equal(gen, ref_tokenizer_image_token(
-        tiny_tokenizer, C.generation_prompt(TRICKY[:2 * k + 1], name)))
+        tiny_tokenizer, C.generation_prompt(TRICKY[:2 * k + 1], tpl)))
 
 
 def test_text_only_equals_whole_prompt_tokenization(tiny_tokenizer):
@@ -210,7 +250,7 @@ def test_text_only_equals_whole_prompt_tokenization(tiny_tokenizer):
   for name in ("vicuna_v0", "vicuna_v1", "llama_2", "chatml"):
     segs = C.render(turns, name)
     enc = encode(turns, name, tiny_tokenizer, num_images=0)
-    np.testing.assert_array_equal(enc.input_ids, tiny_tokenizer(C.prompt_text(segs)).input_ids)
+    np.testing.assert_array_equal(enc.input_ids, reference_tokenize(tiny_tokenizer, C.prompt_text(segs)))
     # Tokenizing segment by segment (SentencePiece adds a leading '▁' to each piece) would not.
     naive = [1] + [i for s in segs for i in tiny_tokenizer(s.text, add_special_tokens=False).input_ids]
     assert naive != list(enc.input_ids)
@@ -222,12 +262,107 @@ def test_chatml_with_added_special_tokens(tiny_tokenizer_dir):
   tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
   im_end = tok.convert_tokens_to_ids("<|im_end|>")
   enc = encode(PARITY_CASES["text_only"], "chatml", tok)
-  np.testing.assert_array_equal(enc.input_ids, tok(enc.prompt).input_ids)
+  np.testing.assert_array_equal(enc.input_ids, reference_tokenize(tok, enc.prompt))
   runs = supervised_runs(enc.input_ids, enc.loss_mask)
   assert [r[-1] for r in runs] == [im_end, im_end]  # the stop token ends each supervised run; "\n" after it does not
   assert T.stop_token_ids("chatml", tok) == (tok.eos_token_id, im_end)
   assert T.stop_token_ids("vicuna_v1", tok) == (2,)
   assert T.stop_token_ids("vicuna_v0", tok) == (2,)  # '###' is matched on text, not as a token
+
+
+# ---------------------------------------------------------------------------------------------- sentencepiece
+
+SP_CHUNKS = [" ASSISTANT:", " What is in the image?", "  two spaces", "a  b", " ", "\n", "\nWhat?", "x\n ",
+             "\n\n### Human: hi\n### Assistant:", "###Human: q###Assistant:", "日本語 ü 😀 ñ",
+             "The answer is A.", "trailing space "]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tiny_tokenizer_dir):
+  import sentencepiece as spm
+  return spm.SentencePieceProcessor(model_file=f"{tiny_tokenizer_dir}/tokenizer.model")
+
+
+@pytest.mark.parametrize("text", SP_CHUNKS)
+def test_chunk_ids_are_sentencepiece_encoding(tiny_tokenizer, sp_model, text):
+  """Every chunk is encoded as SentencePiece itself encodes it (transformers 5's LlamaTokenizer drops the
+  dummy-prefix '▁' before a leading space: ' ASSISTANT' → ['▁ASSISTANT'] instead of ['▁', '▁ASSISTANT'])."""
+  from llava_jax.data.tokenizer import encode_text, encode_with_offsets
+  assert encode_text(tiny_tokenizer, text, add_special_tokens=False) == sp_model.encode(text)
+  ids, offsets = encode_with_offsets(tiny_tokenizer, text)
+  assert ids == [tiny_tokenizer.bos_token_id] + sp_model.encode(text)
+  assert offsets.shape == (len(ids), 2) and (offsets[:, 0] <= offsets[:, 1]).all() and offsets.max() <= len(text)
+
+
+def test_sentencepiece_splits_at_special_tokens_like_the_reference(tiny_tokenizer, sp_model):
+  """Text around a special token: each piece is `sp.encode`d on its own (the reference's slow LlamaTokenizer)."""
+  from llava_jax.data.tokenizer import encode_text
+  text = "USER: hi ASSISTANT: a</s>USER: again </s><s>[INST] x"
+  expected = ([1] + sp_model.encode("USER: hi ASSISTANT: a") + [2] + sp_model.encode("USER: again ") + [2, 1]
+              + sp_model.encode("[INST] x"))
+  assert encode_text(tiny_tokenizer, text) == expected
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "vicuna_v0", "llama_2", "plain"])
+@pytest.mark.parametrize("images_to_front", [True, False])
+def test_image_chunks_with_leading_space_are_sentencepiece(tiny_tokenizer, sp_model, name, images_to_front):
+  """'<image> What…' (the image followed by a space) and multi-turn conversations: ids are BOS, then each chunk
+  between images `sp.encode`d (cut at '</s>' / '<s>' too), images in between: the reference's ids."""
+  turns = [H("<image> What is in the image?"), G(" A cat sitting on a couch."), H("And the colour?"), G("Red.")]
+  if name == "plain":
+    turns = turns[:2]
+  def sp_ids(chunk):
+    out = []
+    for j, part in enumerate(chunk.split("</s>")):
+      for k, sub in enumerate(part.split("<s>")):
+        out += ([1] if k else []) + (sp_model.encode(sub) if sub else [])
+      out += [2]
+    return out[:-1]
+  for enc_turns, prompt in ((turns, C.prompt_text(C.render(turns, name, images_to_front=images_to_front))),
+                            (turns[:1], C.generation_prompt(turns[:1], name, images_to_front=images_to_front))):
+    chunks = prompt.split("<image>")
+    expected = [1] + sp_ids(chunks[0])
+    for chunk in chunks[1:]:
+      expected += [REF_IMAGE_ID] + sp_ids(chunk)
+    if len(enc_turns) % 2 == 0:
+      got = encode(enc_turns, name, tiny_tokenizer, images_to_front=images_to_front).input_ids
+    else:
+      got = T.encode_generation_prompt(enc_turns, name, tiny_tokenizer, num_image_tokens=1,
+                                       image_token_index=REF_IMAGE_ID, images_to_front=images_to_front)
+    assert list(got) == expected, prompt
+
+
+def test_exported_tokenizer_keeps_the_sentencepiece_ids(tiny_tokenizer, sp_model, tmp_path):
+  """transformers 5's save_pretrained writes no tokenizer.model; the export copies it so a reloaded tokenizer
+  encodes as in training."""
+  from llava_jax.checkpoints.export import _save_tokenizer
+  from llava_jax.data.tokenizer import encode_text, load_tokenizer, sentencepiece_model
+  _save_tokenizer(tiny_tokenizer, str(tmp_path))
+  reloaded = load_tokenizer(str(tmp_path))
+  assert sentencepiece_model(reloaded) is not None
+  for text in SP_CHUNKS:
+    assert encode_text(reloaded, text) == [1] + sp_model.encode(text)
+
+
+def test_tokenizer_json_only_encodes_as_sentencepiece(tiny_tokenizer, sp_model, tmp_path):
+  """A LLaMA tokenizer directory without tokenizer.model (transformers 5's save_pretrained writes only
+  tokenizer.json) still encodes every piece as SentencePiece does, and gives the same loss masks."""
+  import os
+  from llava_jax.data.tokenizer import encode_text, encode_with_offsets, load_tokenizer, sentencepiece_model
+  tiny_tokenizer.save_pretrained(str(tmp_path))
+  assert not os.path.exists(tmp_path / "tokenizer.model")
+  tok = load_tokenizer(str(tmp_path))
+  assert sentencepiece_model(tok) is None
+  for text in SP_CHUNKS:
+    assert encode_text(tok, text, add_special_tokens=False) == sp_model.encode(text), text
+    offsets = encode_with_offsets(tok, text)[1]  # (byte-fallback pieces of one char may span it differently)
+    assert (offsets[:, 0] <= offsets[:, 1]).all() and (np.diff(offsets[:, 0]) >= 0).all() and offsets.max() <= len(text)
+  text = "USER: hi ASSISTANT: a</s>USER: again </s><s>[INST] x"
+  assert encode_text(tok, text) == encode_text(tiny_tokenizer, text)
+  for name in ("vicuna_v1", "vicuna_v0"):
+    a, b = encode(TRICKY, name, tok, n_img=3, img_id=32000), encode(TRICKY, name, tiny_tokenizer, n_img=3, img_id=32000)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
 
 
 def test_token_flags_overlap_rule():

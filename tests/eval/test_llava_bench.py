@@ -251,6 +251,35 @@ def test_parse_scores(text, scores):
   assert lb.parse_scores(text) == scores
 
 
+def _ref_parse_score(review):
+  """LLaVA's llava/eval/eval_gpt_review_bench.py `parse_score`, as written there (the oracle)."""
+  try:
+    score_pair = review.split('\n')[0]
+    score_pair = score_pair.replace(',', ' ')
+    sp = score_pair.split(' ')
+    if len(sp) == 2:
+      return [float(sp[0]), float(sp[1])]
+    return [-1, -1]
+  except Exception:  # noqa: BLE001
+    return [-1, -1]
+
+
+def _ref_summarize(tuples):
+  """summarize_gpt_review.py's printed relative score for one group of review tuples."""
+  stats = [round(x, 3) for x in np.asarray(tuples).mean(0).tolist()]
+  return round(stats[1] / stats[0] * 100, 1)
+
+
+@pytest.mark.parametrize("text", ["8 6\nwhy", "7, 7", "8 7 ", "8  6", "8,6", " 8 6", "8\t6", "8 6 7", "nan 5",
+                                  "Scores: 8 and 5", "", "\n8 6", "8.5 9\n", None])
+def test_reference_parse_score_is_the_references(text):
+  """`reference_method` is computed with the reference's own parse_score: "8, 7" and "8 7 " give (-1, -1) there."""
+  got, want = lb.reference_parse_score(text), _ref_parse_score(text)
+  assert got == want or (np.isnan(got[0]) and np.isnan(want[0]) and got[1] == want[1])
+  if text in ("7, 7", "8 7 ", "8  6"):
+    assert got == [-1, -1] and lb.parse_scores(text) is not None  # ours reads these; the reference does not
+
+
 def test_review_exact_numbers_and_resume(coco_bench, tmp_path):
   items = lb.load_bench(*coco_bench)
   out = tmp_path / "out"
@@ -263,18 +292,27 @@ def test_review_exact_numbers_and_resume(coco_bench, tmp_path):
     assert body["messages"][0] == {"role": "system", "content": lb.JUDGE_SYSTEM}
     assert body["temperature"] == 0.2 and body["max_tokens"] == 1024
     s = report["summary"]
+    # reference_method: the reference's parse_score reads "7, 7" as (-1, -1) (split(' ') → '7', '', '7')
     assert s["conv"] == {"n": 2, "parsed": 2, "parse_failures": 0, "reference_mean": 7.5, "model_mean": 6.5,
-                         "relative": pytest.approx(6.5 / 7.5 * 100), "reference_method": 86.7}
+                         "relative": pytest.approx(6.5 / 7.5 * 100), "reference_method": 71.4}  # 2.5 / 3.5
     assert s["detail"] == {"n": 2, "parsed": 1, "parse_failures": 1, "reference_mean": 9.0, "model_mean": 3.0,
                            "relative": pytest.approx(100 / 3), "reference_method": 25.0}
     assert s["complex"]["relative"] == pytest.approx(8.5 / 8 * 100) and s["complex"]["reference_method"] == 106.2
     assert s["overall"]["parsed"] == 5 and s["overall"]["parse_failures"] == 1
     assert s["overall"]["relative"] == pytest.approx(6.6 / 8.0 * 100)
-    assert s["overall"]["reference_method"] == 82.0  # (-1, -1) averaged in: 5.333 / 6.5
+    assert s["overall"]["reference_method"] == 77.4  # (-1, -1) twice averaged in: 4.0 / 5.167
+    reviews = {q: JUDGE[q] for q in JUDGE}
+    by_cat = {"conv": ["What is the man holding?", "Is it raining?"],
+              "detail": ["Describe the image in detail.", "What is shown, in detail?"],
+              "complex": ["Why is the dog wet?", "What might happen next?"]}
+    for cat, qs in by_cat.items():
+      assert s[cat]["reference_method"] == _ref_summarize([_ref_parse_score(reviews[q]) for q in qs])
+    assert s["overall"]["reference_method"] == _ref_summarize([_ref_parse_score(r) for r in reviews.values()])
     assert report["parse_failures"] == ["3"] and report["request_failures"] == {} and report["unanswered"] == []
     lines = [json.loads(l) for l in open(out / "reviews.jsonl")]
     by_q = {l["question_id"]: l for l in lines}
     assert by_q[3]["tuple"] == [-1, -1] and by_q[3]["parsed"] is False and by_q[0]["tuple"] == [8.0, 6.0]
+    assert by_q[1]["tuple"] == [-1, -1] and by_q[1]["scores"] == [7.0, 7.0] and by_q[1]["parsed"] is True
     assert (by_q[0]["id"], by_q[0]["answer1_id"], by_q[0]["answer2_id"], by_q[0]["category"]) == \
            (1, "ref0", "ours0", "conv")
 

@@ -132,6 +132,36 @@ def test_table7_exact_numbers(sqa_root):
   assert table.splitlines()[2] == "| ours | 33.33 | 33.33 | 100.00 | 50.00 | 66.67 | 66.67 | 60.00 | 33.33 | 50.00 |"
 
 
+def test_percentages_in_the_references_order():
+  """eval_science_qa.py prints `correct / total * 100` with :.2f; 23 of 160 is 14.37 there (14.374999...), while
+  100 * 23 / 160 = 14.375 exactly would print 14.38."""
+  meta = {"subject_code": "NAT", "has_text": True, "has_image": False, "no_context": False, "grade_band": "G1-6"}
+  records = [{"meta": dict(meta, pid=str(i))} for i in range(160)]
+  acc, counts = sqa.table7(records, {str(i): i < 23 for i in range(160)})
+  assert counts["Avg"] == counts["NAT"] == 160
+  assert f"{acc['Avg']:.2f}" == f"{23 / 160 * 100:.2f}" == "14.37" and f"{acc['NAT']:.2f}" == "14.37"
+  assert f"{100.0 * 23 / 160:.2f}" == "14.38"  # the order that gave the wrong digit
+  assert "| 14.37 |" in sqa.format_table7({"x": acc})
+  assert sqa.percent(23, 160) == 23 / 160 * 100 and sqa.percent(0, 0) is None
+
+
+@pytest.mark.parametrize("variant,template,fmt,suffix", [
+    ("7b", "vicuna_v1", "CQM-A", sqa.ANSWER_SUFFIX),  # scripts/v1_5/eval/sqa.sh
+    ("paper", "llava_v0", "QCM-LEA", ""),             # scripts/sqa_eval_batch.sh for LLaVA-13b-v0-science_qa
+])
+def test_eval_config_is_the_references_run(variant, template, fmt, suffix):
+  """max_new_tokens as model_vqa_science.py (1024) and the conv-mode the reference's scripts use."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("sqa_eval_cfg", os.path.join(tiny_model.REPO, "configs",
+                                                                             "scienceqa_eval.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(variant)
+  assert c.eval.max_new_tokens == 1024 and c.eval.kind == "scienceqa" and c.eval.parse_rules == "v1.5"
+  assert c.eval.template == c.data.template == template and c.eval.prompt_format == fmt
+  assert c.eval.answer_suffix == suffix
+
+
 def test_empty_columns_are_none(sqa_root):
   records = [r for r in _records(sqa_root) if r["meta"]["subject_code"] == "LAN"]
   report = sqa.score_predictions(records, PREDICTIONS)

@@ -99,3 +99,22 @@ def test_gs_workdir_holds_every_file_and_a_rerun_resumes_from_it(bucket, capsys)
   report = json.loads((run / loop.EVAL_REPORT).read_text())
   assert report["accuracy"]["n"] == 8
   assert os.listdir(cwd) == []
+
+
+def test_a_tokenizer_in_the_bucket_encodes_as_sentencepiece(bucket):
+  """Trained into and loaded back from gs://: the tokenizer keeps its local files for the process, so every
+  chunk is still encoded by its SentencePiece model (what LLaMA checkpoints expect), not a fallback."""
+  import sentencepiece as spm
+  from llava_jax.data import tokenizer as tokenizer_lib
+  root, cwd = bucket
+  texts = [f"a red circle number {i} at the top left, and ASSISTANT: yes" for i in range(200)]
+  url = BUCKET_URL + "/tokenizer"
+  trained = tokenizer_lib.train_tokenizer(texts, url, vocab_size=300)
+  loaded = tokenizer_lib.load_tokenizer(url)
+  sp = spm.SentencePieceProcessor(model_file=str(root / "bucket" / "run" / "tokenizer" / "tokenizer.model"))
+  for tok in (trained, loaded):
+    assert tokenizer_lib.sentencepiece_model(tok) is not None
+    for text in (" ASSISTANT: yes", "number 12 at the top", "\nleft"):
+      ids, _ = tokenizer_lib.encode_with_offsets(tok, text, add_special_tokens=False)
+      assert ids == sp.encode(text)
+  assert os.listdir(cwd) == []
