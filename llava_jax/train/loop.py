@@ -130,7 +130,7 @@ def initial_params(config, model_config: LlavaConfig, mesh):
         config_overrides=dict(vision_feature_layer=model_config.vision_feature_layer,
                               vision_feature_select_strategy=model_config.vision_feature_select_strategy)
         if not init.pretrained else None)
-    return loaded_config, params
+    return loaded_config.with_runtime(lora=model_config.runtime.lora), params  # base weights: fresh adapters
   return model_config, None
 
 

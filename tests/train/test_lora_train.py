@@ -13,7 +13,7 @@ import torch
 import jax
 from flax import traverse_util
 
-from llava_jax import parallel, recipes
+from llava_jax import export_hf, parallel, recipes
 from llava_jax.checkpoints import peft as peft_io
 from llava_jax.checkpoints.orbax_params import restore_params
 from llava_jax.train import loop, optim
@@ -168,13 +168,42 @@ def load_tiny(arg=""):
   return module.get_config(arg)
 
 
-def test_tiny_lora_run_after_a_full_stage_learns(tmp_path):
-  """Stage A (full fine-tune, 2 steps) then configs/tiny.py:lora from its params: fresh adapters are added to the
-  restored base weights, the loss goes down, and the saved params keep stage A's base weights exactly."""
+@pytest.fixture(scope="module")
+def full_stage(tmp_path_factory):
+  """Stage A: configs/tiny.py, a full fine-tune of 2 steps."""
   full = load_tiny()
   full.eval.synthetic_samples = 0
   full.train.num_steps = 2
-  a = loop.train(full, str(tmp_path / "a"))
+  return loop.train(full, str(tmp_path_factory.mktemp("a")))
+
+
+def test_lora_run_from_a_pretrained_dir_gets_fresh_adapters(full_stage, tmp_path):
+  """init.pretrained (a llava-hf export of stage A) under configs/tiny.py:lora: the loaded config keeps the LoRA
+  runtime, the params are the checkpoint's, and the train state adds PEFT-initialized adapters (B = 0)."""
+  a = full_stage
+  out = export_hf(a.model_config, a.state.full_params(), str(tmp_path / "hf"))
+  lora = load_tiny("lora")
+  lora.init.pretrained = out
+  model_config = recipes.llava_config(lora.model)
+  mesh = parallel.make_mesh((8, 1, 1))
+  loaded_config, params = loop.initial_params(lora, model_config, mesh)
+  assert loaded_config.runtime.lora == model_config.runtime.lora and not any("lora" in k for k in flat(params))
+  state = create_train_state(loaded_config, OPT, mesh, 0, trainable_patterns=recipes.LORA_TRAINABLE, params=params)
+  got, want = flat(state.full_params()), flat(a.state.full_params())
+  assert set(got) - set(want) == {k for k in got if "lora_" in k} and len(set(got) - set(want)) == 14
+  for k in got:
+    if k.endswith("lora_b"):
+      assert not np.any(got[k]), k
+    elif k.endswith("lora_a"):
+      assert np.any(got[k]), k
+    else:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_tiny_lora_run_after_a_full_stage_learns(full_stage, tmp_path):
+  """configs/tiny.py:lora from stage A's params: fresh adapters are added to the restored base weights, the loss
+  goes down, and the saved params keep stage A's base weights exactly."""
+  a = full_stage
   lora = load_tiny("lora")
   lora.eval.synthetic_samples = 0
   lora.train.update(num_steps=10, learning_rate=1e-2, mm_projector_lr=1e-3, warmup_ratio=0.0, checkpoint_every=100)
