@@ -6,6 +6,7 @@ RUNTIME = [
     "flax>=0.11",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
+    "etils[epath]",  # workdirs on local disks and gs:// / s3:// alike
     "grain>=0.2.12",
     "ml_collections>=1.0",
     "absl-py",
@@ -41,6 +42,7 @@ EXTRAS = {
         "array_record",
         "tensorflow-cpu",
     ],
+    "gcs": ["gcsfs"],  # gs:// workdirs through etils.epath's fsspec backend (without TensorFlow)
     "torch": ["torch==2.13.0"],  # only to read legacy pickle `.bin` checkpoints
     "tfds": ["tensorflow-datasets", "array_record"],          # read prepared array_record data sets
     "tfds-prepare": ["tensorflow-datasets", "array_record", "tensorflow-cpu"],  # prepare them

@@ -71,13 +71,13 @@ EOF
   local cmds=(
     "$chosen -m venv $(quote "$venv")"
     "$(quote "$venv/bin/pip") install -q -U pip"
-    "$(quote "$venv/bin/pip") install -q -e $(quote "$REPO") $(quote "jax[tpu]")"
+    "$(quote "$venv/bin/pip") install -q -e $(quote "${REPO}[gcs]") $(quote "jax[tpu]")"
   )
   printf '+ %s\n' "${cmds[@]}"
   if ((dry_run)); then return 0; fi
   "$chosen" -m venv "$venv"
   "$venv/bin/pip" install -q -U pip
-  "$venv/bin/pip" install -q -e "$REPO" "jax[tpu]"
+  "$venv/bin/pip" install -q -e "${REPO}[gcs]" "jax[tpu]"
 }
 
 # alive PIDFILE: the pid in PIDFILE is a live process.

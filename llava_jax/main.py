@@ -1,21 +1,29 @@
 """Command-line entry: `python -m llava_jax.main --config=configs/<recipe>.py[:arg] [--config.a.b=v] --mode=...`.
 
 Modes:
-  train    train (and resume) in --workdir; the README's main command runs configs/demo.py this way
+  train    train (and resume) in --workdir; the README's main command runs configs/demo.py this way. Exits 0 when
+           the run finished, 75 (EX_TEMPFAIL, train/checkpointing.PREEMPTED_EXIT_CODE) when SIGTERM / a
+           preemption stopped it after saving a checkpoint: rerun the same command to resume
   eval     evaluate a workdir's latest checkpoint (or --checkpoint) on the config's eval data
   inspect  print samples with the supervised spans marked and write --inspect_out JSON lines
   plan     per-device memory and step time of the config on --plan.topology, without the hardware
   chat     talk about an image in the terminal (--checkpoint or --workdir, --image); reads a pipe too
   serve    OpenAI-compatible API + chat page on --host:--port (127.0.0.1:8000)
+
+A mistake the user can fix (a wrong path, a --config.a.b naming no field, a missing data file or tokenizer) is
+one line `error: ...` on stderr and exit status 2; --verbose adds the traceback (see cli_errors.py).
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llava_jax import cli_errors
+from llava_jax.errors import MissingFileError, require_path
 from llava_jax.scale.cli import plan_flag_defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
@@ -48,9 +56,15 @@ _ALLOW_REMOTE_IMAGES = flags.DEFINE_bool("allow_remote_images", False, "serve: f
 _LOCAL_IMAGE_ROOT = flags.DEFINE_string("local_image_root", None, "serve: allow image paths under this directory.")
 _MAX_REQUEST_BYTES = flags.DEFINE_integer("max_request_bytes", 20 * 1024 * 1024, "serve: largest request body.")
 _MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", 1 << 25, "serve: largest decoded image (pixels).")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 4, "serve: most images per request.")
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", None, "serve: longest prompt (default: the context).")
 _MAX_OUTPUT_TOKENS = flags.DEFINE_integer("max_output_tokens", 1024, "serve: largest max_tokens a request may ask.")
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "serve: requests generated together.")
+_READ_TIMEOUT = flags.DEFINE_float("read_timeout_s", 30.0, "serve: seconds a client has to send a request's "
+                                   "head, and its body; then the connection is closed.")
+_PRECOMPILE = flags.DEFINE_bool("precompile", False, "serve: compile every shape the limits allow before listening "
+                                "(else a request of a new shape waits for its compile, off the serving path; narrow "
+                                "the max_* limits first: a 4k-context model has thousands).")
 
 
 def default_workdir(config_path: str) -> str:
@@ -80,44 +94,58 @@ def apply_judge_flags(config) -> None:
     config.eval.judge.model = _JUDGE_MODEL.value
 
 
+def _path(flag) -> Optional[str]:
+  """A path flag's value with `~` expanded."""
+  return None if flag.value is None else os.path.expanduser(flag.value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  config = cli_errors.loaded_config("config")
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; --verbosity=0 shows it
   maybe_initialize_distributed()
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  workdir = _path(_WORKDIR) or default_workdir(flags.FLAGS["config"].config_filename)
   mode = _MODE.value
   if mode == "train":
+    from llava_jax.train.checkpointing import PREEMPTED_EXIT_CODE
     from llava_jax.train.loop import train_and_evaluate
-    train_and_evaluate(config, workdir)
+    if train_and_evaluate(config, workdir).preempted:
+      sys.exit(PREEMPTED_EXIT_CODE)  # saved, not finished: a requeue-on-failure scheduler restarts the run
   elif mode == "eval":
     apply_judge_flags(config)
     from llava_jax.train.loop import evaluate_checkpoint
-    evaluate_checkpoint(config, workdir, checkpoint=_CHECKPOINT.value)
+    evaluate_checkpoint(config, workdir, checkpoint=_path(_CHECKPOINT))
   elif mode == "inspect":
     from llava_jax.data.from_config import inspect_from_config
     inspect_from_config(config, out_path=_INSPECT_OUT.value, limit=_INSPECT_LIMIT.value, workdir=workdir)
   elif mode in ("chat", "serve"):
+    image = _path(_IMAGE)
+    if mode == "chat" and image and not os.path.isfile(image):  # before the weights load
+      raise MissingFileError(f"--image={_IMAGE.value}: no such file")
+    if mode == "serve":
+      require_path(_path(_LOCAL_IMAGE_ROOT), "--local_image_root")
     from llava_jax.infer.loading import load_for_inference
-    model = load_for_inference(config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
+    model = load_for_inference(config, workdir=_path(_WORKDIR), checkpoint=_path(_CHECKPOINT),
                                template=_TEMPLATE.value)
     if mode == "chat":
       from llava_jax.infer.chat import run_chat
-      sys.exit(run_chat(model, image=_IMAGE.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+      sys.exit(run_chat(model, image=image, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                         max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value))
     from llava_jax.infer.openai_api import Limits
     from llava_jax.infer.server import ServerOptions, serve
     serve(model, ServerOptions(
-        host=_HOST.value, port=_PORT.value, max_batch_size=_MAX_BATCH_SIZE.value, limits=Limits(
+        host=_HOST.value, port=_PORT.value, max_batch_size=_MAX_BATCH_SIZE.value,
+        read_timeout_s=_READ_TIMEOUT.value, precompile=_PRECOMPILE.value, limits=Limits(
             max_request_bytes=_MAX_REQUEST_BYTES.value, max_image_pixels=_MAX_IMAGE_PIXELS.value,
+            max_images=_MAX_IMAGES.value,
             max_prompt_tokens=_MAX_PROMPT_TOKENS.value, max_output_tokens=_MAX_OUTPUT_TOKENS.value,
             default_max_tokens=min(_MAX_NEW_TOKENS.value, _MAX_OUTPUT_TOKENS.value),
             default_temperature=_TEMPERATURE.value, default_top_p=_TOP_P.value,
-            allow_remote_images=_ALLOW_REMOTE_IMAGES.value, local_image_root=_LOCAL_IMAGE_ROOT.value)))
+            allow_remote_images=_ALLOW_REMOTE_IMAGES.value, local_image_root=_path(_LOCAL_IMAGE_ROOT))))
   elif mode == "plan":
     from llava_jax.scale.cli import run_plan
     try:
@@ -130,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_errors.run(main)

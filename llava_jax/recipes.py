@@ -103,6 +103,7 @@ def data_section(**kw) -> ml_collections.ConfigDict:
       worker_count=4,
       strict=False,
       max_pixels=89_478_485,      # PIL's decompression-bomb threshold
+      max_image_bytes=1 << 27,    # image files above 128 MiB are skipped ('unreadable_image') without being read
   )
   d.update(kw)
   return ml_collections.ConfigDict(d)

@@ -333,7 +333,7 @@ def test_worker_install_dry_run_with_a_new_enough_python(tmp_path):
   assert out.returncode == 0, out.stderr
   venv = f"'{tmp_path}/v env"
   assert commands(out) == [f"{sys.executable} -m venv {venv}'", f"{venv}/bin/pip' install -q -U pip",
-                           f"{venv}/bin/pip' install -q -e {REPO} 'jax[tpu]'"]
+                           f"{venv}/bin/pip' install -q -e '{REPO}[gcs]' 'jax[tpu]'"]
   assert not (tmp_path / "v env").exists()
 
 

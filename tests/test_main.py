@@ -42,3 +42,57 @@ def test_missing_config_is_a_usage_error(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "--config is required" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ user errors
+
+def _fail(args, tmp_path):
+  """Run the CLI expecting a user error: (the stderr lines, exit status)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(tmp_path))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-m", "llava_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  return proc.stderr.strip().splitlines(), proc.returncode
+
+
+def _fake_run(path):
+  """A workdir that looks like a finished run of configs/tiny.py (an orbax marker) but has no tokenizer."""
+  (path / "params").mkdir(parents=True)
+  (path / "params" / "_CHECKPOINT_METADATA").write_text("{}")
+  return path
+
+
+USER_ERRORS = {
+    "config path": (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such file"),
+    "config field typo": (["--config=configs/tiny.py", "--config.data.tmplate=vicuna_v1", "--mode=inspect"],
+                          "error: --config.data.tmplate: the config has no field 'tmplate'; did you mean "
+                          "\"template\" instead of \"tmplate\"?"),
+    "missing data file": (["--config=configs/tiny.py", "--config.data.source=llava_json", "--mode=inspect",
+                           "--config.data.json_path=/nonexistent/data.json", "--workdir={tmp}/run"],
+                          "error: --config.data.json_path=/nonexistent/data.json: no such file or directory"),
+    "chat workdir without tokenizer": (["--config=configs/tiny.py", "--mode=chat", "--workdir={tmp}/fake"],
+                                       "error: the config trains its tokenizer into the run directory, but "
+                                       "{tmp}/fake/tokenizer holds none; pass --workdir=<the training run>"),
+    "chat workdir missing": (["--config=configs/tiny.py", "--mode=chat", "--workdir=~/nothing"],
+                             "error: --workdir={tmp}/nothing: no such directory (pass a finished training run, "
+                             "or --checkpoint)"),
+    "chat image missing": (["--config=configs/tiny.py", "--mode=chat", "--workdir=~/fake", "--image=~/no.png"],
+                           "error: --image=~/no.png: no such file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USER_ERRORS))
+def test_user_error_is_one_line(tmp_path, name):
+  """Each mistake: exactly one line on stderr, exit status 2, no traceback (all before jax compiles anything)."""
+  _fake_run(tmp_path / "fake")
+  args, want = USER_ERRORS[name]
+  lines, code = _fail([a.replace("{tmp}", str(tmp_path)) for a in args], tmp_path)
+  assert (lines, code) == ([want.replace("{tmp}", str(tmp_path))], 2)
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  lines, code = _fail(["--config=configs/tiny.py", "--mode=chat", f"--workdir={tmp_path}/nothing", "--verbose"],
+                      tmp_path)
+  assert code == 2 and lines[0] == "Traceback (most recent call last):"
+  assert lines[-2].startswith("llava_jax.errors.MissingFileError: --workdir=")
+  assert lines[-1].startswith("error: --workdir=") and len(lines) > 4

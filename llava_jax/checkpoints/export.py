@@ -26,6 +26,7 @@ from llava_jax.checkpoints.projector_keys import projector_key_specs
 from llava_jax.checkpoints.reader import SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
 from llava_jax.checkpoints.table import KeySpec, export_tensors, get_in
 from llava_jax.config import LlavaConfig, dtype_name
+from llava_jax.errors import MissingFileError
 from llava_jax.models.lora import merge_lora
 
 HUB_TEXT_PREFIX = "language_model.model."
@@ -193,7 +194,7 @@ def _save_tokenizer(tokenizer: Any, out_dir: str) -> None:
   if isinstance(tokenizer, (str, os.PathLike)):
     found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, n))]
     if not found:
-      raise FileNotFoundError(f"tokenizer directory {tokenizer!r} holds none of {TOKENIZER_FILES}")
+      raise MissingFileError(f"tokenizer directory {tokenizer!r} holds none of {TOKENIZER_FILES}")
     for n in found:
       shutil.copyfile(os.path.join(tokenizer, n), os.path.join(out_dir, n))
   elif hasattr(tokenizer, "save_pretrained"):

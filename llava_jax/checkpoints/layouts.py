@@ -32,6 +32,7 @@ from llava_jax.checkpoints.reader import TensorReader, has_weights
 from llava_jax.checkpoints.table import KeySpec
 from llava_jax.config import (LlavaConfig, TextConfig, VisionConfig, text_config_from_hf,
                               vision_config_from_hf)
+from llava_jax.errors import MissingFileError
 
 # transformers defaults for fields a config.json may omit (5.x values; unchanged since 4.3x). rope_theta
 # (10000) is TextConfig's own default, so a 5.x `rope_parameters.rope_theta` is not shadowed.
@@ -89,7 +90,7 @@ def read_config(path: str) -> dict:
   d = path if os.path.isdir(path) else os.path.dirname(path)
   cfg = os.path.join(d, "config.json")
   if not os.path.isfile(cfg):
-    raise FileNotFoundError(f"{d!r} has no config.json; expected a llava-hf, original LLaVA or LLaMA checkpoint "
+    raise MissingFileError(f"{d!r} has no config.json; expected a llava-hf, original LLaVA or LLaMA checkpoint "
                             "directory")
   return read_json(cfg)
 

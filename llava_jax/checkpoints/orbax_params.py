@@ -10,28 +10,36 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
-def save_params(path: str, params: Any, *, force: bool = True) -> str:
-  """Write `params` (a pytree of jax arrays, any sharding) to the directory `path`; returns its absolute path.
+def _resolve(path) -> epath.Path:
+  """URLs (gs://...) as they are; local paths absolute (orbax needs absolute local paths)."""
+  p = epath.Path(path)
+  return p if "://" in os.fspath(p) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
+def save_params(path, params: Any, *, force: bool = True) -> str:
+  """Write `params` (a pytree of jax arrays, any sharding) to the directory `path` (local, or an etils.epath URL
+  such as gs://bucket/run/params); returns its absolute path / URL.
 
   force: replace an existing checkpoint at `path`.
   """
-  path = os.path.abspath(path)
+  path = _resolve(path)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, params, force=force)
     ckpt.wait_until_finished()
-  return path
+  return os.fspath(path)
 
 
-def restore_params(path: str, target_shardings: Optional[Any] = None) -> Any:
+def restore_params(path, target_shardings: Optional[Any] = None) -> Any:
   """Read params saved by `save_params`.
 
   target_shardings: a pytree of `jax.sharding.Sharding` matching the saved tree (e.g.
     `llava_jax.checkpoints.hf.param_shardings(config, mesh)`): each leaf is read straight onto its shards.
     None puts every leaf on the default device (whatever mesh it was saved from).
   """
-  path = os.path.abspath(path)
+  path = _resolve(path)
   with ocp.StandardCheckpointer() as ckpt:
     meta = ckpt.metadata(path).item_metadata
     meta = getattr(meta, "tree", meta)  # TreeMetadata wraps the saved pytree
@@ -44,10 +52,10 @@ def restore_params(path: str, target_shardings: Optional[Any] = None) -> Any:
     return ckpt.restore(path, target)
 
 
-def saved_tree(path: str) -> Any:
+def saved_tree(path) -> Any:
   """The saved params' tree with orbax array metadata (shape, dtype) as leaves; reads no array."""
   with ocp.StandardCheckpointer() as ckpt:
-    meta = ckpt.metadata(os.path.abspath(path)).item_metadata
+    meta = ckpt.metadata(_resolve(path)).item_metadata
   return getattr(meta, "tree", meta)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from llava_jax.checkpoints.table import get_in, set_in
 from llava_jax.config import LlavaConfig, LoraConfig
+from llava_jax.errors import ConfigError, MissingFileError
 from llava_jax.models.lora import LORA_A, LORA_B, adapter_paths, strip_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,7 +41,7 @@ def _adapter_modules(params) -> Dict[Tuple[str, str], bool]:
   out = {}
   for path in adapter_paths(params):
     if path[0] != "language_model" or not path[1].startswith("layers") or len(path) != 4:
-      raise ValueError(f"adapter at {'/'.join(path)}: only decoder-layer adapters (language_model/layers/...) "
+      raise ConfigError(f"adapter at {'/'.join(path)}: only decoder-layer adapters (language_model/layers/...) "
                        "have a PEFT name")
     out[(path[2], path[3])] = path[1] == "layers"
   return out
@@ -50,7 +51,7 @@ def peft_adapter_tensors(config: LlavaConfig, params) -> Dict[str, np.ndarray]:
   """Our adapters → {PEFT key: array} (torch Linear layout, [r, in] / [out, r])."""
   modules = _adapter_modules(params)
   if not modules:
-    raise ValueError("params hold no LoRA adapter (lora_a / lora_b leaves): was runtime.lora set?")
+    raise ConfigError("params hold no LoRA adapter (lora_a / lora_b leaves): was runtime.lora set?")
   out = {}
   for (block, name), scanned in sorted(modules.items()):
     for i in range(config.text.num_hidden_layers):
@@ -87,7 +88,7 @@ def export_peft_adapter(config: LlavaConfig, params, out_dir: str, *, dtype=None
   from safetensors.numpy import save_file
   lora = config.runtime.lora
   if lora is None:
-    raise ValueError("config.runtime.lora is None: there is no adapter to export")
+    raise ConfigError("config.runtime.lora is None: there is no adapter to export")
   tensors = peft_adapter_tensors(config, params)
   if dtype is not None:
     tensors = {k: v.astype(np.dtype(dtype)) for k, v in tensors.items()}
@@ -103,7 +104,7 @@ def lora_config_from_peft(d: dict, names) -> LoraConfig:
   """adapter_config.json dict (+ the adapted module names found in the weights) → LoraConfig; refuses what our
   LoRA cannot compute."""
   if d.get("peft_type", "LORA") != "LORA":
-    raise ValueError(f"peft_type {d.get('peft_type')!r}: only LORA adapters can be imported")
+    raise ConfigError(f"peft_type {d.get('peft_type')!r}: only LORA adapters can be imported")
   unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias") if d.get(k)]
   unsupported += [k for k in ("rank_pattern", "alpha_pattern") if d.get(k)]
   if d.get("bias", "none") != "none":
@@ -111,7 +112,7 @@ def lora_config_from_peft(d: dict, names) -> LoraConfig:
   if d.get("modules_to_save"):
     unsupported.append(f"modules_to_save={d['modules_to_save']!r}")
   if unsupported:
-    raise ValueError(f"PEFT adapter uses {unsupported}, which llava_jax's LoRA does not implement")
+    raise ConfigError(f"PEFT adapter uses {unsupported}, which llava_jax's LoRA does not implement")
   target = rf".*/({'|'.join(sorted(set(names)))})"
   return LoraConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
                     target=target)
@@ -123,7 +124,7 @@ def read_peft_adapter(adapter_dir: str) -> Tuple[dict, Dict[Tuple[int, str, str,
   cfg_path, w_path = os.path.join(adapter_dir, ADAPTER_CONFIG), os.path.join(adapter_dir, ADAPTER_WEIGHTS)
   for p in (cfg_path, w_path):
     if not os.path.isfile(p):
-      raise FileNotFoundError(f"{p} not found: a PEFT adapter directory holds {ADAPTER_CONFIG} and "
+      raise MissingFileError(f"{p} not found: a PEFT adapter directory holds {ADAPTER_CONFIG} and "
                               f"{ADAPTER_WEIGHTS}")
   with open(cfg_path) as f:
     d = json.load(f)
@@ -131,7 +132,7 @@ def read_peft_adapter(adapter_dir: str) -> Tuple[dict, Dict[Tuple[int, str, str,
   for key, value in load_file(w_path).items():
     m = _KEY.fullmatch(key)
     if m is None or m["pre"] not in _TEXT_PREFIXES:
-      raise ValueError(f"adapter tensor {key!r} is not a LoRA weight of the language model's decoder layers "
+      raise ConfigError(f"adapter tensor {key!r} is not a LoRA weight of the language model's decoder layers "
                        f"(expected e.g. {PEFT_PREFIX}0.self_attn.q_proj.lora_A.weight)")
     tensors[(int(m["layer"]), m["block"], m["name"], m["ab"])] = value
   return d, tensors
@@ -157,11 +158,11 @@ def import_peft_adapter(adapter_dir: str, config: LlavaConfig, params) -> Tuple[
     for i in range(num_layers):
       a, b = tensors.get((i, block, name, "A")), tensors.get((i, block, name, "B"))
       if (a is None) != (b is None):
-        raise ValueError(f"layer {i} {block}.{name}: adapter has only one of lora_A / lora_B")
+        raise ConfigError(f"layer {i} {block}.{name}: adapter has only one of lora_A / lora_B")
       a = np.zeros((r, d_in), np.float32) if a is None else a
       b = np.zeros((d_out, r), np.float32) if b is None else b
       if a.shape != (r, d_in) or b.shape != (d_out, r):
-        raise ValueError(f"layer {i} {block}.{name}: lora_A {a.shape} / lora_B {b.shape} do not fit rank {r} "
+        raise ConfigError(f"layer {i} {block}.{name}: lora_A {a.shape} / lora_B {b.shape} do not fit rank {r} "
                          f"and the kernel [{d_in}, {d_out}]")
       a_rows.append(a.T.astype(kernel.dtype))
       b_rows.append(b.T.astype(kernel.dtype))
@@ -174,5 +175,5 @@ def import_peft_adapter(adapter_dir: str, config: LlavaConfig, params) -> Tuple[
         set_in(out, path + (LORA_B,), b_rows[i])
   extra = sorted({i for (i, *_) in tensors if i >= num_layers})
   if extra:
-    raise ValueError(f"adapter has layers {extra} but the model has {num_layers}")
+    raise ConfigError(f"adapter has layers {extra} but the model has {num_layers}")
   return config.with_runtime(lora=lora), out

@@ -54,6 +54,25 @@ def normalize_buckets(bucket_lengths: Optional[Sequence[int]], max_length: int) 
   return tuple(buckets)
 
 
+TOKEN_PAD = {"input_ids": None, "loss_mask": False, "segment_ids": 0, "positions": 0, "attention_mask": 0}
+
+
+def pad_to_length(batch: Dict[str, np.ndarray], length: int, pad_id: int) -> Dict[str, np.ndarray]:
+  """The batch with every token array ([b, T]: input_ids, loss_mask, segment_ids, positions, attention_mask)
+  right-padded to [b, length] as `assemble` pads (pad_id / False / 0); images untouched. T > length raises."""
+  t = int(batch["input_ids"].shape[1])
+  if t > length:
+    raise ValueError(f"cannot pad a batch of {t} tokens per row to {length}")
+  if t == length:
+    return batch
+  out = dict(batch)
+  for name, fill in TOKEN_PAD.items():
+    if name in batch and batch[name] is not None:
+      x = np.asarray(batch[name])
+      out[name] = np.pad(x, ((0, 0), (0, length - t)), constant_values=pad_id if fill is None else fill)
+  return out
+
+
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
   """The smallest bucket ≥ length."""
   for n in buckets:

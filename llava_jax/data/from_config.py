@@ -5,10 +5,14 @@ import logging
 import os
 from typing import Optional
 
+from etils import epath
+
 from llava_jax.config import LlavaConfig
 from llava_jax.data import conversation
+from llava_jax.data.image_file import DEFAULT_MAX_IMAGE_BYTES
 from llava_jax.data.sources import LlavaJsonSource, ScienceQASource, SyntheticShapesSource, TfdsSource
 from llava_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from llava_jax.errors import require_path
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +27,13 @@ def build_source(data, model_config: LlavaConfig, *, split: Optional[str] = None
     if not data.json_path:
       raise ValueError("data.source='llava_json' needs --config.data.json_path=<file.json> "
                        "(and data.image_root for image samples)")
+    require_path(data.json_path, "--config.data.json_path")
     return LlavaJsonSource(data.json_path, data.image_root or None, strict=bool(data.strict))
   if kind == "scienceqa":
     if not data.scienceqa_root:
       raise ValueError("data.source='scienceqa' needs --config.data.scienceqa_root=<dir with problems.json, "
                        "pid_splits.json, images/>")
+    require_path(data.scienceqa_root, "--config.data.scienceqa_root")
     return ScienceQASource(data.scienceqa_root, split or data.split,
                            prompt_format=data.get("scienceqa_format", "QCM-LEA"))
   if kind == "synthetic":
@@ -54,7 +60,7 @@ def tokenizer_dir(config, workdir: Optional[str]) -> str:
   if data.tokenizer == SYNTHETIC_TOKENIZER:
     if not workdir:
       raise ValueError("a synthetic tokenizer is trained into the workdir; pass --workdir")
-    return os.path.join(workdir, "tokenizer")
+    return os.fspath(epath.Path(workdir) / "tokenizer")
   path = data.tokenizer or init.pretrained or init.language_model
   if not path:
     raise ValueError("no tokenizer: set --config.data.tokenizer=<dir> (or init.pretrained / init.language_model)")
@@ -65,7 +71,7 @@ def build_tokenizer(config, model_config: LlavaConfig, workdir: Optional[str]):
   """Load the tokenizer; for data.tokenizer='synthetic' train it once (vocab_size − 1 pieces; the last id is the
   image placeholder) from synthetic conversations rendered with every registered template's system text."""
   path = tokenizer_dir(config, workdir)
-  if config.data.tokenizer == SYNTHETIC_TOKENIZER and not os.path.exists(os.path.join(path, "tokenizer.json")):
+  if config.data.tokenizer == SYNTHETIC_TOKENIZER and not (epath.Path(path) / "tokenizer.json").exists():
     texts = synthetic_corpus(config, model_config)
     logger.info("training a %d-piece tokenizer on %d synthetic texts into %s", model_config.text.vocab_size - 1,
                 len(texts), path)
@@ -93,9 +99,7 @@ def synthetic_corpus(config, model_config: LlavaConfig, num_samples: int = 2000)
 def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
   """Keyword arguments of data.pipeline.make_pipeline from the config (without source, seed and batch size)."""
   data = config.data
-  buckets = tuple(data.bucket_lengths) or None
-  if _process_count() > 1:  # each host picks a bucket from its own rows: hosts must agree on one length
-    buckets = (int(data.max_length),)
+  buckets = tuple(data.bucket_lengths) or None  # several processes agree per step (train/host_batches.py)
   return dict(
       tokenizer=tokenizer, template=data.template, image_size=model_config.vision.image_size,
       aspect_ratio=data.image_aspect_ratio, num_image_tokens=model_config.num_image_tokens,
@@ -103,23 +107,22 @@ def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
       bucket_lengths=buckets, packing=bool(data.packing),
       group_by_modality=bool(data.group_by_modality), worker_count=int(data.worker_count),
       strict=bool(data.strict), max_pixels=int(data.max_pixels),
+      max_image_bytes=int(data.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)),
       max_images_per_sample=int(data.get("max_images_per_sample", 1)))
 
 
-def _process_count() -> int:
-  import jax
-  return jax.process_count()
-
-
 def inspect_from_config(config, *, out_path: Optional[str], limit: int, workdir: Optional[str] = None) -> dict:
-  """`--mode=inspect`: print `limit` encoded samples with the supervised spans marked, write JSON lines."""
+  """`--mode=inspect`: print `limit` encoded samples with the supervised spans marked, write JSON lines.
+
+  Uses the training pipeline's options (`pipeline_kwargs`), so a sample shown as used is one training uses."""
   from llava_jax import recipes
   from llava_jax.data.inspect import inspect_samples
   model_config = recipes.llava_config(config.model)
   tokenizer = build_tokenizer(config, model_config, workdir)
   source = build_source(config.data, model_config)
-  return inspect_samples(source, tokenizer, conversation.get_template(config.data.template),
-                         num_image_tokens=model_config.num_image_tokens,
-                         image_token_index=model_config.image_token_index, max_length=int(config.data.max_length),
-                         out_path=out_path, limit=limit, max_pixels=int(config.data.max_pixels),
-                         color=os.isatty(1))
+  kw = pipeline_kwargs(config, model_config, tokenizer)
+  return inspect_samples(source, tokenizer, conversation.get_template(kw["template"]),
+                         num_image_tokens=kw["num_image_tokens"], image_token_index=kw["image_token_index"],
+                         max_length=kw["max_length"], max_images_per_sample=kw["max_images_per_sample"],
+                         max_pixels=kw["max_pixels"], max_image_bytes=kw["max_image_bytes"],
+                         out_path=out_path, limit=limit, color=os.isatty(1))

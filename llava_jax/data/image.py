@@ -1,7 +1,10 @@
 """Image loading (hostile-file safe) and CLIP preprocessing in numpy/PIL.
 
 `load_image` turns a path, encoded bytes, PIL image or uint8 array into an RGB `PIL.Image`, raising
-`SampleError` ('missing_file' | 'unreadable_image') for anything that cannot be used.
+`SampleError` ('missing_file' | 'unreadable_image') for anything that cannot be used. A path is read by
+`read_image_file`, which never blocks and never raises an OS error: it opens regular files only (a FIFO, a
+directory or a device is refused from its stat, without being opened), checks the size against `max_bytes`
+before reading and reads at most that much; PIL then decodes the bytes from memory.
 
 `preprocess` reproduces transformers' PIL-backend `CLIPImageProcessorPil` (the "slow" CLIPImageProcessor the
 original LLaVA used; transformers 5 names the torchvision one `CLIPImageProcessor` and falls back to the PIL one
@@ -33,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from llava_jax.data.errors import SampleError
+from llava_jax.data.image_file import DEFAULT_MAX_IMAGE_BYTES, read_image_file, show_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,8 +65,8 @@ def pad_background(mean: Sequence[float] = CLIP_MEAN) -> Tuple[int, int, int]:
 
 
 def load_image(source: ImageSource, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-               exif_transpose: bool = True, alpha_background: Optional[Tuple[int, int, int]] = None,
-               sample_id=None) -> Image.Image:
+               max_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES, exif_transpose: bool = True,
+               alpha_background: Optional[Tuple[int, int, int]] = None, sample_id=None) -> Image.Image:
   """Decode `source` into an RGB PIL image.
 
   source: file path, encoded bytes (or a binary file object), a PIL image, or a uint8 array `[H, W]`,
@@ -70,21 +74,17 @@ def load_image(source: ImageSource, *, max_pixels: Optional[int] = DEFAULT_MAX_P
     is 16-bit grayscale.
   max_pixels: reject images with more pixels (checked from the header, before decoding); None disables our
     check (PIL's own bomb guard still applies).
+  max_bytes: largest image file read from a path (`read_image_file`); None: no limit.
   exif_transpose: apply the EXIF orientation tag (as transformers' `load_image` does).
   alpha_background: None drops alpha like `convert('RGB')` (the reference); an RGB tuple composites onto it.
   sample_id: only used in error messages.
   Raises SampleError('missing_file') for a path that does not exist, SampleError('unreadable_image') for
-  truncated / non-image data, too many pixels or an unsupported mode. Other input types raise TypeError.
+  any other failure to read the file (see `read_image_file`), truncated / non-image data, too many pixels or
+  an unsupported mode. Other input types raise TypeError.
   """
   if isinstance(source, (str, os.PathLike)):
-    path = os.fspath(source)
-    try:
-      with open(path, "rb") as f:
-        image = _open_and_load(f, max_pixels, sample_id, what=path)
-    except FileNotFoundError:
-      raise SampleError("missing_file", f"image file not found: {path}", sample_id) from None
-    except (IsADirectoryError, PermissionError) as e:
-      raise SampleError("unreadable_image", f"cannot read {path}: {e}", sample_id) from None
+    data = read_image_file(source, max_bytes=max_bytes, sample_id=sample_id)
+    image = _open_and_load(io.BytesIO(data), max_pixels, sample_id, what=show_path(os.fspath(source)))
   elif isinstance(source, (bytes, bytearray, memoryview)):
     image = _open_and_load(io.BytesIO(bytes(source)), max_pixels, sample_id, what="image bytes")
   elif hasattr(source, "read"):
@@ -238,9 +238,21 @@ def normalize_batch(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: 
   return out
 
 
+# Formats PIL hands to an external program instead of decoding itself: EPS runs Ghostscript on the file's
+# PostScript (arbitrary code in a data set's "image"). Never opened, whether or not Ghostscript is installed.
+EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+
+
+@functools.lru_cache(maxsize=None)
+def decodable_formats() -> Tuple[str, ...]:
+  """PIL's registered formats minus EXTERNAL_PROGRAM_FORMATS: what `Image.open` may identify a file as."""
+  Image.init()
+  return tuple(f for f in Image.ID if f not in EXTERNAL_PROGRAM_FORMATS)
+
+
 def _open_and_load(fileobj, max_pixels, sample_id, what: str) -> Image.Image:
   try:
-    image = Image.open(fileobj)
+    image = Image.open(fileobj, formats=decodable_formats())
   except Image.DecompressionBombError as e:
     raise SampleError("unreadable_image", f"{what}: decompression bomb rejected by PIL: {e}", sample_id) from None
   except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error, ... from broken headers

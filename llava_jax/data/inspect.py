@@ -7,9 +7,12 @@ its supervised spans marked (`[[...]]`, or green with color=True) and image plac
   {"id", "input_ids": [int], "loss_mask": [0|1], "text": str, "supervised_text": [str]}
 
 `text` is the decoded sequence; `supervised_text` the decoded contiguous supervised runs. A bad sample gets
-`{"id", "skip": reason, "error": message}` instead. Decoding is incremental within each text chunk (a run's text
-is decode(chunk[:end]) minus decode(chunk[:start])), so the spaces SentencePiece folds into tokens stay with
-the token that holds them.
+`{"id", "origin", "skip": reason, "error": message}` instead. Decoding is incremental within each text chunk (a
+run's text is decode(chunk[:end]) minus decode(chunk[:start])), so the spaces SentencePiece folds into tokens
+stay with the token that holds them.
+
+What is used and what is skipped is decided by the training pipeline's own function (`transforms.SampleRules.
+check`); `inspect_from_config` passes it the pipeline's options, so inspect and training agree sample by sample.
 """
 from __future__ import annotations
 
@@ -98,19 +101,27 @@ def describe(input_ids, loss_mask, tokenizer, *, image_token_index: int, num_ima
 
 def inspect_samples(source: Sequence[dict], tokenizer, template, *, num_image_tokens: int, image_token_index: int,
                     max_length: int, out_path: Optional[str] = None, limit: Optional[int] = 10,
-                    image_root: Optional[str] = None, max_pixels: Optional[int] = None, check_images: bool = True,
-                    color: bool = False, print_fn: Optional[Callable[[str], None]] = print) -> Dict[str, int]:
+                    image_root: Optional[str] = None, max_pixels: Optional[int] = None,
+                    max_image_bytes: Optional[int] = None, max_images_per_sample: Optional[int] = 1,
+                    check_images: bool = True, color: bool = False,
+                    print_fn: Optional[Callable[[str], None]] = print) -> Dict[str, int]:
   """Encode, print and (if out_path) write the first `limit` samples of `source` (None = all).
 
+  The decision is the training pipeline's own (`transforms.SampleRules.check`), so with the pipeline's options
+  (max_length, max_images_per_sample, max_pixels, max_image_bytes, image_root) a sample is shown as used iff
+  training uses it.
   image_root: folder of relative image paths (default: `source.image_root`).
+  max_images_per_sample: as the pipeline's (samples with more images are 'too_long'); None: no limit.
   check_images: also open each image (reports missing / unreadable files as the pipeline would).
   Returns {"samples": encoded, reason: skipped count for each reason}.
   """
-  from llava_jax.data import conversation as conv_lib
-  from llava_jax.data.tokenize import encode_conversation
-  template = conv_lib.get_template(template)
   if image_root is None:
     image_root = getattr(source, "image_root", None)
+  rules = transforms_lib.SampleRules(tokenizer=tokenizer, template=template, num_image_tokens=num_image_tokens,
+                                     image_token_index=image_token_index, max_length=max_length,
+                                     max_images=max_images_per_sample, image_root=image_root,
+                                     max_pixels=max_pixels, max_image_bytes=max_image_bytes)
+  add_origin = transforms_lib.AddOrigin(getattr(source, "origins", None))
   counts = {"samples": 0, **{r: 0 for r in REASONS}}
   n = len(source) if limit is None else min(limit, len(source))
   out = None
@@ -119,19 +130,13 @@ def inspect_samples(source: Sequence[dict], tokenizer, template, *, num_image_to
     out = open(out_path, "w", encoding="utf-8")
   try:
     for i in range(n):
-      record = source[i]
-      sid = record.get("id", i)
+      record = add_origin.map_with_index(i, source[i])
+      sid = record.get("id", i) if isinstance(record, dict) else i
       try:
-        sources = transforms_lib.record_image_sources(record)
-        enc = encode_conversation(record.get("conversations"), template, tokenizer,
-                                  num_image_tokens=num_image_tokens, image_token_index=image_token_index,
-                                  max_length=max_length, num_images=len(sources), sample_id=sid)
-        if check_images:
-          for src in sources:
-            transforms_lib.load_image(src, image_root=image_root, max_pixels=max_pixels, sample_id=sid)
+        enc, _ = rules.check(record, load_images=check_images)
       except SampleError as e:
         counts[e.reason] += 1
-        line = {"id": sid, "skip": e.reason, "error": str(e)}
+        line = {"id": sid, "origin": e.origin, "skip": e.reason, "error": str(e)}
         if print_fn is not None:
           print_fn(f"--- sample {sid!r}: SKIPPED [{e.reason}] {e}")
       else:

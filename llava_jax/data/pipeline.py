@@ -1,6 +1,7 @@
 """The grain input pipeline: source records → fixed-shape, checkpointable per-host batches.
 
-    source ─ shuffle(seed; reseeded per epoch) ─ trim to a multiple of process_count ─ [process_index::count]
+    source ─ map_with_index(AddOrigin: where each record is in its source, for skip logs / strict errors)
+      ─ shuffle(seed; reseeded per epoch) ─ trim to a multiple of process_count ─ [process_index::count]
       ─ repeat(num_epochs) ─ map(EncodeSample)              (MapDataset: random access, index-deterministic)
       ─ to_iter_dataset (read threads) ─ mp_prefetch(worker_count)   (decode + resize / crop / pad to uint8
                                                                       pixels in worker processes)
@@ -32,8 +33,10 @@ iterator yields exactly the batches the original would have yielded next. The st
 
 Bad data. Each SampleError becomes a marker counted per reason in the main process (exact with any number of
 workers, and restored with the state); `skip_counts()` returns {reason: count} for this host (sum them over
-hosts for a global figure). Skips are logged at WARNING with the id and reason (the first 10 per reason, then
-every 1000th). `strict=True` raises the SampleError naming the sample id instead.
+hosts for a global figure). Skips are logged at WARNING with the id, origin (where the record sits in its source:
+"data.jsonl line 13", "index 7") and reason (the first 10 per reason, then every 1000th). `strict=True` raises
+the SampleError naming the sample id, origin and reason instead. Reading an image never blocks and every OS or
+decoding failure is a SampleError (data/image_file.py), so no path in the data can crash or hang a non-strict run.
 
 Group by modality. Image samples and text-only samples fill separate batches (it also works when one modality
 is absent). A group whose oldest sample has waited more than `max_group_wait` fetched samples is emitted early
@@ -244,8 +247,10 @@ class BatchIterator(grain.DatasetIterator):
     self._counts[reason] += 1
     n = self._counts[reason]
     if n <= LOG_FIRST_SKIPS or n % LOG_EVERY_SKIPS == 0:
-      logger.warning("skipping sample %r [%s] (%d skipped for this reason so far%s): %s", element["id"], reason,
-                     n, "; logging every 1000th from now" if n == LOG_FIRST_SKIPS else "", element["message"])
+      origin = element.get("origin")
+      logger.warning("skipping sample %r%s [%s] (%d skipped for this reason so far%s): %s", element["id"],
+                     f" ({origin})" if origin else "", reason, n,
+                     "; logging every 1000th from now" if n == LOG_FIRST_SKIPS else "", element["message"])
     self._consecutive_skips += 1
     if self._epoch_length and self._consecutive_skips >= self._epoch_length:
       raise RuntimeError(f"every one of the last {self._consecutive_skips} samples (a whole epoch of this host's "
@@ -283,7 +288,8 @@ def make_dataset(source: Sequence[dict], *, tokenizer, template, image_size: int
                  bucket_lengths: Optional[Sequence[int]] = None, packing: bool = False,
                  images_per_batch: Optional[int] = None, max_images_per_sample: int = 1,
                  group_by_modality: bool = False, max_group_wait: Optional[int] = None, strict: bool = False,
-                 image_root: Optional[str] = None, max_pixels: Optional[int] = None, pad_id: Optional[int] = None,
+                 image_root: Optional[str] = None, max_pixels: Optional[int] = None,
+                 max_image_bytes: Optional[int] = None, pad_id: Optional[int] = None,
                  read_threads: int = 2, read_buffer_size: Optional[int] = None,
                  worker_buffer_size: int = 2) -> BatchIterDataset:
   """The pipeline as a grain IterDataset (`iter()` it for a BatchIterator); see `make_pipeline`."""
@@ -320,6 +326,7 @@ def make_dataset(source: Sequence[dict], *, tokenizer, template, image_size: int
   if per_host == 0:
     raise ValueError(f"a source of {n} samples cannot be split over {process_count} processes")
   ds = grain.MapDataset.source(source)
+  ds = ds.map_with_index(transforms_lib.AddOrigin(getattr(source, "origins", None)))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds[:per_host * process_count][process_index::process_count]
@@ -327,7 +334,8 @@ def make_dataset(source: Sequence[dict], *, tokenizer, template, image_size: int
   ds = ds.map(transforms_lib.EncodeSample(
       tokenizer=tokenizer, template=template, image_size=image_size, aspect_ratio=aspect_ratio,
       num_image_tokens=num_image_tokens, image_token_index=image_token_index, max_length=max_length,
-      image_root=image_root, max_pixels=max_pixels, max_images=max_images_per_sample))
+      image_root=image_root, max_pixels=max_pixels, max_images=max_images_per_sample,
+      max_image_bytes=max_image_bytes))
   if read_buffer_size is None:
     read_buffer_size = max(2, 2 * rows)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
@@ -345,8 +353,8 @@ def make_pipeline(source: Sequence[dict], **kwargs) -> BatchIterator:
 
   source: random access (len + __getitem__) records `{"id", "conversations", "image" | "images", "meta"}`.
   tokenizer, template (name or Template): how conversations become tokens (data/tokenize.py).
-  image_size, aspect_ratio ('square' | 'pad'), max_pixels, image_root (default: `source.image_root`): image
-    loading and CLIP preprocessing.
+  image_size, aspect_ratio ('square' | 'pad'), max_pixels, max_image_bytes, image_root (default:
+    `source.image_root`): image loading and CLIP preprocessing (None limits: data/image.py's defaults).
   num_image_tokens, image_token_index: placeholders per image and their id.
   max_length: longest sequence (image placeholders included); longer samples are truncated or skipped.
   global_batch_size: rows over all hosts; each host yields global_batch_size / process_count rows.
@@ -357,7 +365,7 @@ def make_pipeline(source: Sequence[dict], **kwargs) -> BatchIterator:
   packing: several samples per row (T = max_length) with segment_ids and per-segment positions.
   images_per_batch, max_images_per_sample: image slots per batch and images per sample (see module doc).
   group_by_modality, max_group_wait (default 32 × rows fetched samples): separate image and text-only batches.
-  strict: raise on the first bad sample instead of skipping it.
+  strict: raise on the first bad sample (a SampleError naming its id, origin and reason) instead of skipping it.
   pad_id: token id on padding (default: tokenizer.pad_token_id, else 0 as LLaVA's unk).
   read_threads, read_buffer_size, worker_buffer_size: grain ReadOptions / MultiprocessingOptions.
   """

@@ -3,21 +3,52 @@
 A trained tokenizer follows LLaMA's conventions (SentencePiece BPE with byte fallback; unk 0, bos 1, eos 2;
 BOS added, no EOS) and is wrapped by transformers' LlamaTokenizer, so the data path treats it exactly like
 a real Vicuna tokenizer.
+
+Directories may be local or etils.epath URLs (gs://bucket/run/tokenizer): transformers reads and writes local
+files, so a URL directory is copied through a local temporary directory.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable, Optional
+import tempfile
+from typing import Iterable, Iterator, Optional
+
+from etils import epath
+
+from llava_jax.errors import MissingFileError
 
 
-def load_tokenizer(path: str, *, add_bos_token: bool = True):
-  """transformers tokenizer from a local directory (tokenizer.json / tokenizer.model / config files).
+def _is_url(path) -> bool:
+  return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def _local_copy(path) -> Iterator[str]:
+  """A local directory holding the files of `path` (itself when local)."""
+  if not _is_url(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="llava_jax_tokenizer_") as tmp:
+    for f in epath.Path(path).iterdir():
+      if f.is_file():
+        (epath.Path(tmp) / f.name).write_bytes(f.read_bytes())
+    yield tmp
+
+
+def load_tokenizer(path, *, add_bos_token: bool = True):
+  """transformers tokenizer from a directory, local or URL (tokenizer.json / tokenizer.model / config files).
 
   LLaVA's LLaMA tokenizers pad with unk (id 0) and pad on the right; a tokenizer without a pad token gets
   unk as pad, as the reference sets it for v1 templates.
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  if not epath.Path(path).is_dir():
+    raise MissingFileError(f"tokenizer directory {os.fspath(path)!r} does not exist")
+  with _local_copy(path) as local:
+    return _load_local(local, add_bos_token)
+
+
+def _load_local(path: str, add_bos_token: bool):
   cls = _tokenizer_class(path)
   tok = cls.from_pretrained(path, add_bos_token=add_bos_token, padding_side="right")
   if tok.pad_token is None and tok.unk_token is not None:
@@ -44,12 +75,24 @@ def _tokenizer_class(path: str):
   return PreTrainedTokenizerFast
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int,
+def train_tokenizer(texts: Iterable[str], out_dir, *, vocab_size: int,
                     extra_symbols: Optional[Iterable[str]] = None):
-  """Train a SentencePiece BPE model on `texts` into `out_dir` and return it as a LlamaTokenizer.
+  """Train a SentencePiece BPE model on `texts` into `out_dir` (local or URL) and return it as a LlamaTokenizer.
 
   vocab_size: number of pieces (the model's embedding may be larger, e.g. + 1 row for the image placeholder).
   """
+  if _is_url(out_dir):
+    with tempfile.TemporaryDirectory(prefix="llava_jax_tokenizer_") as tmp:
+      tok = _train_local(texts, tmp, vocab_size, extra_symbols)
+      out = epath.Path(out_dir)
+      out.mkdir(parents=True, exist_ok=True)
+      for f in epath.Path(tmp).iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+      return tok
+  return _train_local(texts, os.fspath(out_dir), vocab_size, extra_symbols)
+
+
+def _train_local(texts, out_dir: str, vocab_size: int, extra_symbols):
   import sentencepiece as spm
   from transformers import LlamaTokenizer
   os.makedirs(out_dir, exist_ok=True)

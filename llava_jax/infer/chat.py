@@ -3,7 +3,7 @@
 As the reference CLI (llava/serve/cli.py): one image per conversation, the first message carries it
 (`<image>\\n` + text), each answer is kept (stripped) in the history, temperature 0.2 and 512 new tokens by
 default. Commands:
-  /image PATH   load a new image and start a new conversation about it
+  /image PATH   load a new image (`~` is expanded) and start a new conversation about it
   /reset        start a new conversation (same image)
   /help, /quit  (EOF or Ctrl-D quits too)
 From a terminal it prompts `USER: ` / `ASSISTANT: `; from a pipe it reads lines until EOF and writes only the
@@ -12,6 +12,7 @@ go to stderr).
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, List, Optional, TextIO
 
@@ -56,7 +57,9 @@ class ChatSession:
     self.asked = 0
 
   def set_image(self, path: str) -> None:
-    """Load `path` and start a new conversation about it (the current one stays if the image is bad)."""
+    """Load `path` (`~` expanded) and start a new conversation about it (the current one stays if the image is
+    bad)."""
+    path = os.path.expanduser(path)
     try:
       pixels = self.model.image_pixels(path)
     except SampleError as e:

@@ -492,7 +492,7 @@ def generate(config: LlavaConfig, params, input_ids=None, pixel_values=None, *, 
                      max_new=nb, output_scores=output_scores)
     seen, last_step = 0, -1
     while True:
-      step, tokens = jax.device_get((state.step, state.tokens))
+      step, tokens = host_values((state.step, state.tokens))
       step = int(step)
       for t in trackers:
         t.add(tokens[t.index, seen:step])
@@ -515,11 +515,23 @@ def generate(config: LlavaConfig, params, input_ids=None, pixel_values=None, *, 
 
     scores = None
     if output_scores:
-      all_scores = np.asarray(jax.device_get(state.scores))
+      all_scores = np.asarray(host_values(state.scores))
       scores = [all_scores[t.index, :len(t.tokens)] for t in trackers]
   return GenerationResult(token_ids=[t.tokens for t in trackers], finish_reasons=[t.reason for t in trackers],
                           texts=None if tokenizer is None else [t.text for t in trackers], scores=scores,
                           prompt_lengths=[len(r) for r in rows])
+
+
+def host_values(tree):
+  """`jax.device_get` that also works on arrays spanning other processes' devices (a multi-process mesh: the
+  batch rows live on every host). Those are all-gathered (`multihost_utils.process_allgather`, a collective:
+  every process must call this in the same order, as every process runs the same `generate`)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
 
 
 class _MeshContext:

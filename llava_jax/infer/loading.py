@@ -28,6 +28,7 @@ from llava_jax.data import from_config as data_config
 from llava_jax.data.image import load_image, preprocess
 from llava_jax.data.tokenize import encode_generation_prompt, stop_token_ids
 from llava_jax.data.tokenizer import load_tokenizer
+from llava_jax.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def resolve_checkpoint(config, workdir: Optional[str], checkpoint: Optional[str]
   if checkpoint:
     path = os.path.abspath(os.path.expanduser(checkpoint))
     if not os.path.exists(path):
-      raise FileNotFoundError(f"--checkpoint={checkpoint}: no such file or directory")
+      raise MissingFileError(f"--checkpoint={checkpoint}: no such file or directory")
     if os.path.exists(os.path.join(path, "config.json")):
       return "pretrained", path, workdir
     if _is_orbax_dir(path):
@@ -116,16 +117,18 @@ def resolve_checkpoint(config, workdir: Optional[str], checkpoint: Optional[str]
     for candidate in (run_params(path), os.path.join(path, PARAMS_DIR)):
       if _is_orbax_dir(candidate):
         return "params", candidate, workdir or path
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"--checkpoint={checkpoint} is neither a checkpoint directory with a config.json (llava-hf, original "
         f"LLaVA, exported), nor an orbax params directory, nor a finished training workdir "
         f"({run_params(path)} missing)")
   if not workdir:
-    raise ValueError("pass --checkpoint=<dir> or --workdir=<a finished training run>")
+    raise ConfigError("pass --checkpoint=<dir> or --workdir=<a finished training run>")
+  if not os.path.isdir(workdir):
+    raise MissingFileError(f"--workdir={workdir}: no such directory (pass a finished training run, or --checkpoint)")
   path = run_params(os.path.abspath(workdir))
   if not _is_orbax_dir(path):
-    raise FileNotFoundError(f"no finished run in --workdir={workdir} ({path} missing): train first with "
-                            f"`python -m llava_jax.main --config=... --workdir={workdir}`, or pass --checkpoint")
+    raise MissingFileError(f"no finished run in --workdir={workdir} ({path} missing): train first with "
+                           f"`python -m llava_jax.main --config=... --workdir={workdir}`, or pass --checkpoint")
   return "params", path, workdir
 
 
@@ -155,16 +158,17 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
     from llava_jax.checkpoints.hf import load_pretrained
     model_config, params = load_pretrained(path, runtime=model_config.runtime, mesh=mesh,
                                            allow_pickle=bool(stage.init.get("allow_pickle", False)))
+    tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)
   else:
+    tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)  # before the weights: fail fast
     from llava_jax.checkpoints.hf import param_shardings
     from llava_jax.checkpoints.orbax_params import restore_params
     shardings = None if mesh is None else param_shardings(model_config, mesh)
     try:
       params = restore_params(path, shardings)
     except ValueError as e:
-      raise ValueError(f"{path} does not hold params of the config's model ({e}); pass the --config the run "
-                       f"was trained with") from None
-  tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)
+      raise ConfigError(f"{path} does not hold params of the config's model ({e}); pass the --config the run "
+                        f"was trained with") from None
   tpl = conv_lib.get_template(template or stage.data.template)
   if tpl.captions_only:
     logger.warning("template %r is the stage-1 captioning format: questions are dropped; pass --template "
@@ -185,7 +189,7 @@ def _load_tokenizer(stage, model_config, kind: str, path: str, run_dir: Optional
   if stage.data.tokenizer == data_config.SYNTHETIC_TOKENIZER:
     tok_dir = os.path.join(run_dir or "", "tokenizer")
     if not run_dir or not _has_tokenizer(tok_dir):
-      raise FileNotFoundError(f"the config trains its tokenizer into the run directory, but {tok_dir} holds none; "
-                              "pass --workdir=<the training run>")
+      raise MissingFileError(f"the config trains its tokenizer into the run directory, but {tok_dir} holds none; "
+                             "pass --workdir=<the training run>")
     return load_tokenizer(tok_dir)
   return data_config.build_tokenizer(stage, model_config, run_dir)

@@ -6,8 +6,9 @@ list of parts `{"type": "text", "text"}` and `{"type": "image_url", "image_url":
 Image URLs are `data:image/...;base64,...`; http(s) URLs and local paths (`file://` or plain) only when the
 server enables them. Each image goes where LLaVA puts it: `<image>\\n` at the front of its message.
 Parameters: temperature [0, 2], top_p [0, 1], top_k ≥ 0 (extension), max_tokens / max_completion_tokens,
-stop (a string or up to 4), seed, stream, stream_options.include_usage, n (1 only). Unknown fields are
-ignored, as OpenAI-compatible servers commonly do. Every problem raises `APIError` (4xx, OpenAI's error body).
+stop (a string or up to 4), seed, stream, stream_options.include_usage, n (1 only); `model` must be the
+served model's id when given (else 404 `model_not_found`, as OpenAI answers). Unknown fields are ignored, as
+OpenAI-compatible servers commonly do. Every problem raises `APIError` (4xx, OpenAI's error body).
 """
 from __future__ import annotations
 
@@ -126,7 +127,10 @@ def image_bytes(url: Any, limits: Limits, where: str) -> bytes:
       return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError) as e:
       raise bad(f"{where}: the data URI is not valid base64 ({e})", "messages") from None
-  parsed = urllib.parse.urlparse(url)
+  try:
+    parsed = urllib.parse.urlparse(url)
+  except ValueError as e:  # e.g. "Invalid IPv6 URL"
+    raise bad(f"{where}: malformed image URL ({e})", "messages") from None
   scheme = parsed.scheme.lower()
   if scheme in ("http", "https"):
     if not limits.allow_remote_images:
@@ -153,15 +157,25 @@ def _fetch(url: str, limits: Limits, where: str) -> bytes:
 
 
 def _read_local(path: str, limits: Limits, where: str) -> bytes:
+  """A file under limits.local_image_root; every path that names no readable file there is a 400."""
+  if not path or "\x00" in path:  # os functions raise ValueError on a NUL byte
+    raise bad(f"{where}: an image path must be non-empty and hold no NUL byte", "messages", "invalid_image_path")
   root = os.path.realpath(limits.local_image_root)
-  real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root here
+  try:
+    real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root here
+  except (OSError, ValueError) as e:
+    raise bad(f"{where}: bad image path {path!r} ({e})", "messages", "invalid_image_path") from None
   if os.path.commonpath([root, real]) != root:
-    raise bad(f"{where}: {path} is outside the server's --local_image_root", "messages")
+    raise bad(f"{where}: {path} is outside the server's --local_image_root", "messages", "invalid_image_path")
+  if not os.path.isfile(real):  # missing, a directory, or a device / FIFO that could block the read
+    raise bad(f"{where}: {path} is not a file under the server's --local_image_root", "messages",
+              "invalid_image_path")
   try:
     with open(real, "rb") as f:
       data = f.read(limits.max_request_bytes + 1)
-  except OSError as e:
-    raise bad(f"{where}: cannot read {path}: {e.strerror or e}", "messages") from None
+  except (OSError, ValueError) as e:  # not readable, gone meanwhile
+    raise bad(f"{where}: cannot read {path}: {getattr(e, 'strerror', None) or e}", "messages",
+              "invalid_image_path") from None
   if len(data) > limits.max_request_bytes:
     raise bad(f"{where}: {path} is larger than {limits.max_request_bytes} bytes", "messages")
   return data
@@ -231,6 +245,12 @@ def parse_chat_request(body: Any, model, limits: Limits, work_lock=None) -> Chat
   work_lock = work_lock if work_lock is not None else contextlib.nullcontext()
   if not isinstance(body, dict):
     raise bad("the request body must be a JSON object")
+  requested = body.get("model")
+  if requested is not None and not isinstance(requested, str):
+    raise bad(f"model must be a string, got {requested!r}", "model")
+  if requested is not None and requested != model.name:  # as OpenAI answers an unknown model (absent: this one)
+    raise APIError(404, f"The model {requested!r} does not exist (this server serves {model.name!r})",
+                   param="model", code="model_not_found")
   stream = body.get("stream", False)
   if not isinstance(stream, bool):
     raise bad("stream must be a boolean", "stream")

@@ -11,6 +11,10 @@ keep-alive and timeouts, asyncio streaming that holds no thread per waiting clie
 http.server is documented as unfit for that. The model lives on one worker thread (engine.py) that batches
 requests waiting together and serves them first in, first out.
 
+Slow clients: a request head must arrive within `read_timeout_s` of connecting (or of the previous response),
+and its body within `read_timeout_s` again (else 408); either way the connection is then closed. A client that
+leaves mid-body is counted (`app.state.client_disconnects`), not logged as an error.
+
 Safety by default: binds 127.0.0.1 (and then only answers Host headers naming the loopback, against DNS
 rebinding); POSTs must be `Content-Type: application/json` (so a web page cannot send one without a CORS
 preflight, which is never granted); bodies, images, prompt and output tokens are bounded (`Limits`);
@@ -32,8 +36,10 @@ from typing import Optional, Sequence
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from llava_jax.infer import precompile
 from llava_jax.infer.engine import Delta, Engine, QueueFull
 from llava_jax.infer.openai_api import (APIError, Limits, chunk_body, completion_body, parse_chat_request,
                                         usage_chunk_body)
@@ -51,7 +57,10 @@ class ServerOptions:
   """host / port: where to listen (127.0.0.1 unless told otherwise). allowed_hosts: Host header names
   accepted (None: the loopback names when bound to a loopback address, else any). Engine: max_batch_size
   requests per batch, gathered for batch_window_s; max_queue waiting at most (then 503); steps_per_chunk
-  decode steps between streamed pieces."""
+  decode steps between streamed pieces. read_timeout_s: a client's time to send a request head (from
+  connecting, or from the previous response) and, again, its body; then the connection is closed (408 for a
+  body). precompile: compile every shape the limits allow before listening (`precompile.py`, --precompile);
+  without it each new shape compiles off the serving path as it first comes (engine.py)."""
   host: str = "127.0.0.1"
   port: int = 8000
   limits: Limits = dataclasses.field(default_factory=Limits)
@@ -60,6 +69,8 @@ class ServerOptions:
   batch_window_s: float = 0.01
   max_queue: int = 64
   steps_per_chunk: int = 4
+  read_timeout_s: float = 30.0
+  precompile: bool = False
 
 
 def _is_loopback(host: str) -> bool:
@@ -76,6 +87,14 @@ def _host_name(header: str) -> str:
 
 def _json_error(status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None):
   return JSONResponse(APIError(status, message, type=type, code=code).body(), status_code=status)
+
+
+class _ClosingError(APIError):
+  """An APIError answered with `Connection: close` (the rest of the request will not be read)."""
+
+
+class _ClientGone(Exception):
+  """The client closed the connection before its request body was complete: nothing to answer."""
 
 
 class _HostGuard:
@@ -119,9 +138,18 @@ def create_app(model, options: Optional[ServerOptions] = None, engine: Optional[
   if allowed is not None and "*" not in allowed:
     app.add_middleware(_HostGuard, allowed=list(allowed))
 
+  app.state.client_disconnects = 0  # requests whose client left before sending the whole body
+
   @app.exception_handler(APIError)
   async def api_error(request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Connection": "close"} if isinstance(exc, _ClosingError) else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+  @app.exception_handler(_ClientGone)
+  async def client_gone(request, exc: _ClientGone):
+    app.state.client_disconnects += 1
+    logger.info("%s left before sending the whole request body", request.client)
+    return Response(status_code=400)  # never reaches the client; uvicorn drops it
 
   @app.exception_handler(StarletteHTTPException)
   async def http_error(request, exc: StarletteHTTPException):
@@ -174,7 +202,7 @@ def create_app(model, options: Optional[ServerOptions] = None, engine: Optional[
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
       raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
-    raw = await _read_body(request, limits.max_request_bytes)
+    raw = await _read_body(request, limits.max_request_bytes, options.read_timeout_s)
     parsed = await run_in_threadpool(prepare, raw)
     loop = asyncio.get_running_loop()
     deltas: "asyncio.Queue[Delta]" = asyncio.Queue()
@@ -232,8 +260,9 @@ def create_app(model, options: Optional[ServerOptions] = None, engine: Optional[
   return app
 
 
-async def _read_body(request, limit: int) -> bytes:
-  """The request body, refusing (413) more than `limit` bytes without reading past it."""
+async def _read_body(request, limit: int, timeout_s: float) -> bytes:
+  """The request body, refusing (413) more than `limit` bytes without reading past it, and (408, closing the
+  connection) a body that has not fully arrived within `timeout_s`. Raises _ClientGone if the client leaves."""
   length = request.headers.get("content-length")
   if length is not None:
     if not length.strip().isdigit():
@@ -242,20 +271,72 @@ async def _read_body(request, limit: int) -> bytes:
       raise APIError(413, f"the body is {int(length)} bytes, above this server's limit of {limit}",
                      code="request_too_large")
   chunks, size = [], 0
-  async for chunk in request.stream():
-    size += len(chunk)
-    if size > limit:
-      raise APIError(413, f"the body is above this server's limit of {limit} bytes", code="request_too_large")
-    chunks.append(chunk)
+  try:
+    async with asyncio.timeout(timeout_s):
+      async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+          raise APIError(413, f"the body is above this server's limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+  except TimeoutError:
+    raise _ClosingError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
+                        code="request_timeout") from None
+  except ClientDisconnect:
+    raise _ClientGone() from None
   return b"".join(chunks)
 
 
-def make_server(model, options: ServerOptions, *, log_level: str = "info"):
-  """A `uvicorn.Server` for the app (not started)."""
+def _timed_h11_protocol(read_timeout_s: float):
+  """uvicorn's h11 protocol, also closing a connection whose request head has not fully arrived within
+  `read_timeout_s` of connecting or of the previous response (uvicorn itself only closes idle keep-alive
+  connections, so a client trickling a head in would hold its connection forever)."""
+  from uvicorn.protocols.http.h11_impl import H11Protocol
+
+  class TimedH11Protocol(H11Protocol):
+
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      self._arm_head_timer()
+
+    def on_response_complete(self):
+      super().on_response_complete()
+      self._arm_head_timer()
+
+    def connection_lost(self, exc):
+      self._cancel_head_timer()
+      super().connection_lost(exc)
+
+    def _arm_head_timer(self):
+      self._cancel_head_timer()
+      self._head_timer = self.loop.call_later(read_timeout_s, self._head_timeout)
+
+    def _cancel_head_timer(self):
+      timer = getattr(self, "_head_timer", None)
+      if timer is not None:
+        timer.cancel()
+      self._head_timer = None
+
+    def _head_timeout(self):
+      self._head_timer = None
+      waiting_for_head = self.cycle is None or self.cycle.response_complete
+      if waiting_for_head and not self.transport.is_closing():
+        self.transport.close()
+
+  return TimedH11Protocol
+
+
+def make_server(model, options: ServerOptions, *, log_level: str = "info", progress=print):
+  """A `uvicorn.Server` for the app (not started); with options.precompile, every shape compiled first
+  (reported on `progress`)."""
   import uvicorn
+  compiled = precompile.run(model, options.limits, options.max_batch_size, progress) if options.precompile else None
   app = create_app(model, options)
+  if compiled is not None:
+    app.state.engine.compiled.update(shape.key for shape in compiled)
   config = uvicorn.Config(app, host=options.host, port=options.port, log_level=log_level, access_log=True,
-                          timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False)
+                          http=_timed_h11_protocol(options.read_timeout_s),
+                          timeout_keep_alive=min(5, options.read_timeout_s), timeout_graceful_shutdown=10,
+                          server_header=False)
   return uvicorn.Server(config)
 
 
@@ -263,10 +344,11 @@ def serve(model, options: ServerOptions) -> None:
   """Run the server until interrupted (`--mode=serve`)."""
   if not _is_loopback(options.host):
     logger.warning("listening on %s: anyone who can reach this address can use the model", options.host)
+  server = make_server(model, options, progress=lambda line: print(line, flush=True))
   print(f"serving {model.name} on http://{options.host}:{options.port}/  (chat page at /, API at /v1)",
         flush=True)
   try:
-    make_server(model, options).run()
+    server.run()
   except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
     print("server stopped", flush=True)
 
@@ -274,8 +356,8 @@ def serve(model, options: ServerOptions) -> None:
 class ServerThread:
   """A server running on a background thread (tests, notebooks): `url`, `stop()`; a context manager."""
 
-  def __init__(self, model, options: ServerOptions, *, startup_timeout_s: float = 60.0):
-    self.server = make_server(model, options, log_level="warning")
+  def __init__(self, model, options: ServerOptions, *, startup_timeout_s: float = 60.0, progress=None):
+    self.server = make_server(model, options, log_level="warning", progress=progress)
     self.thread = threading.Thread(target=self.server.run, name="llava-server", daemon=True)
     self.thread.start()
     deadline = time.monotonic() + startup_timeout_s

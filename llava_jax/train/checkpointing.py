@@ -5,7 +5,18 @@ Layout in the workdir:
   checkpoints/<step>/data/    every process's input-iterator state (JSON, one entry per process: hosts read different
                               shards), so a resumed run continues at the next batch
   checkpoints/<step>/config/  the run's config (JSON), for eval / chat / export without the config file
-Saves are asynchronous; the manager keeps the newest `keep` checkpoints.
+Saves are asynchronous; the manager keeps the newest `keep` checkpoints. A save that fails in the background
+(disk full, no permission, a lost bucket) raises `CheckpointSaveError` at the first `check()` after it failed
+(the loop checks after every step), not one save later. Half-written `<step>.orbax-checkpoint-tmp*` folders left
+by a killed run are removed when a Checkpointer opens the directory.
+
+The workdir may be any `etils.epath` path: local (relative or absolute) or a bucket URL such as `gs://b/run`
+(never turned into a local path).
+
+Preemption. SIGTERM (single process: `PreemptionFlag`; several processes: jax's preemption sync manager) makes
+the loop save a checkpoint and stop; `llava_jax.main` then exits with `PREEMPTED_EXIT_CODE` = 75
+(EX_TEMPFAIL, "try again"), so a scheduler that requeues failed jobs (SLURM --requeue, a resume loop) restarts
+the run, which resumes from that checkpoint. A finished run exits 0.
 """
 from __future__ import annotations
 
@@ -20,8 +31,42 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 logger = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM, rerun to resume (see the module doc)
+TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix of a checkpoint still being written
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed; the run stops instead of training on without checkpoints."""
+
+
+def resolve_dir(path) -> epath.Path:
+  """`path` as an epath.Path: URLs (gs://...) as they are, local paths made absolute (orbax needs that)."""
+  p = epath.Path(path)
+  return p if "://" in os.fspath(p) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
+def remove_partial_saves(directory) -> list:
+  """Delete `*.orbax-checkpoint-tmp*` entries (saves interrupted by a kill) under `directory` (primary process
+  only: the directory is shared); returns their names."""
+  directory = epath.Path(directory)
+  if jax.process_index() != 0 or not directory.exists():
+    return []
+  removed = []
+  for child in directory.iterdir():
+    if TMP_MARKER in child.name:
+      if child.is_dir():
+        child.rmtree()
+      else:
+        child.unlink()
+      removed.append(child.name)
+  if removed:
+    logger.warning("removed %d unfinished checkpoint save(s) left by an interrupted run in %s: %s", len(removed),
+                   directory, ", ".join(sorted(removed)))
+  return removed
 
 
 def encode_iterator_state(state: Any) -> dict:
@@ -55,8 +100,11 @@ def gather_per_process(blob: Any) -> list:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, save_every: int = 1, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  def __init__(self, workdir, *, keep: int = 3, save_every: int = 1, async_save: bool = True):
+    self.directory = resolve_dir(workdir) / "checkpoints"
+    self.removed_partial = remove_partial_saves(self.directory)
+    self._pending: Optional[int] = None  # step of the last save not yet checked
+    self._failed = False  # a CheckpointSaveError was raised
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_names=("state", "data", "config"),
@@ -74,7 +122,33 @@ class Checkpointer:
       data = {"kind": "per_process", "value": gather_per_process(encode_iterator_state(data_state))}
     items["data"] = ocp.args.JsonSave(data)
     items["config"] = ocp.args.JsonSave(config or {})
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.check()
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001 - any failure of the write is reported the same way
+      raise self._error(step, e) from e
+    if saved:
+      self._pending = step
+    return saved
+
+  def check(self) -> None:
+    """Raise CheckpointSaveError if the last asynchronous save has finished and failed (never blocks while a
+    save is still being written)."""
+    if self._pending is None or self.manager.is_saving_in_progress():
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()  # finished: returns at once, or re-raises the writer's error
+    except Exception as e:  # noqa: BLE001
+      raise self._error(step, e) from e
+
+  def _error(self, step: Optional[int], cause: BaseException) -> CheckpointSaveError:
+    self._failed = True
+    what = "the last checkpoint" if step is None else f"the checkpoint of step {step}"
+    return CheckpointSaveError(f"saving {what} to {self.directory} failed: "
+                               f"{type(cause).__name__}: {cause} (full disk / quota / permissions?); training "
+                               "stopped so that no more work is lost. Free space or fix the directory and rerun: "
+                               "the run resumes from its latest complete checkpoint")
 
   def restore(self, step: Optional[int], abstract_state):
     """Restore at `step` (None = latest) onto `abstract_state`'s shardings (a pytree of ShapeDtypeStruct with
@@ -110,11 +184,24 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Block until the last save is written; raise CheckpointSaveError if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._error(step, e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if not self._failed:
+      try:
+        self.wait()
+      finally:
+        self.manager.close()
+      return
+    try:  # the failure was already raised: release what can be released without raising it a second time
+      self.manager.close()
+    except Exception as e:  # noqa: BLE001
+      logger.warning("closing the checkpointer after a failed save: %s", e)
 
 
 def abstract_with_shardings(tree, shardings):

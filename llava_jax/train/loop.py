@@ -7,7 +7,11 @@ Workdir layout (one stage):
   tokenizer/                               a trained tokenizer (data.tokenizer='synthetic' only)
 A config with `stages = ('stage1', 'stage2')` runs each stage in <workdir>/<stage>, stage i+1 starting from
 stage i's params; each `config.<stage>` holds overrides of the sections (data, train, init, ...).
-A run restarts from its latest checkpoint automatically; SIGTERM saves a checkpoint and exits.
+A run restarts from its latest checkpoint automatically; SIGTERM saves a checkpoint and exits (`llava_jax.main`
+with exit code 75, checkpointing.PREEMPTED_EXIT_CODE). The workdir may be local or any etils.epath URL
+(gs://bucket/run): every file above is written through epath / orbax, never under a local `gs:` folder.
+With several processes, every process runs this loop on its own rows; the end-of-run eval runs on all of them
+(the model is sharded over every process's devices) and process 0 writes eval_report.json.
 """
 from __future__ import annotations
 
@@ -22,22 +26,26 @@ from typing import Optional
 import jax
 import numpy as np
 import ml_collections
+from etils import epath
 
 from llava_jax import parallel, recipes
 from llava_jax.config import LlavaConfig
 from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
-from llava_jax.train import checkpointing, metrics as metrics_lib
+from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib
+from llava_jax.train.progress import StepProgress
 from llava_jax.train.optim import optimizer_from_config
 from llava_jax.train.state import (VISION_TOWER, TrainState, abstract_train_state, create_train_state,
                                   state_shardings)
 from llava_jax.train.step import make_train_step
+from llava_jax.errors import MissingFileError
 
 logger = logging.getLogger(__name__)
 
 PARAMS_DIR = "params"
 MODEL_CONFIG_KEY = "llava_config"  # the LlavaConfig actually trained, saved beside the run config
 EVAL_KINDS = ("synthetic", "scienceqa", "llava_bench")
+EVAL_REPORT = "eval_report.json"
 
 
 @dataclasses.dataclass
@@ -76,7 +84,7 @@ def train_and_evaluate(config, workdir: str) -> StageResult:
   result = None
   stages = stage_configs(config)
   for i, (name, stage_config) in enumerate(stages):
-    stage_dir = workdir if name is None else os.path.join(workdir, name)
+    stage_dir = workdir if name is None else _join(workdir, name)
     if i > 0:
       stage_config.init.from_workdir = result.workdir
     _say(f"=== {name or 'train'}: {stage_dir}")
@@ -87,10 +95,10 @@ def train_and_evaluate(config, workdir: str) -> StageResult:
   if config.get("eval") is not None and int(config.eval.get("synthetic_samples", 0) or config.eval.get("samples", 0)):
     from llava_jax.eval.synthetic import evaluate_synthetic
     report = evaluate_synthetic(config, result.model_config, result.state.full_params(), result.tokenizer,
-                                mesh=parallel.make_mesh(tuple(config.mesh)))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "eval_report.json"), "w") as f:
-      json.dump(report, f, indent=2)
+                                mesh=parallel.make_mesh(tuple(config.mesh)), print_fn=_say)
+    if jax.process_index() == 0:  # every process computed the same report
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(workdir) / EVAL_REPORT).write_text(json.dumps(report, indent=2))
   return result
 
 
@@ -110,9 +118,9 @@ def initial_params(config, model_config: LlavaConfig, mesh):
   if init.from_workdir:
     from llava_jax.checkpoints.hf import param_shardings
     from llava_jax.checkpoints.orbax_params import restore_params
-    path = os.path.join(init.from_workdir, PARAMS_DIR)
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
+    path = _join(init.from_workdir, PARAMS_DIR)
+    if not epath.Path(path).is_dir():
+      raise MissingFileError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
     shardings = param_shardings(model_config, mesh)
     if model_config.runtime.lora is not None:  # LoRA after a base-model stage: adapters start fresh (train state)
       from llava_jax.checkpoints.orbax_params import saved_tree
@@ -136,7 +144,7 @@ def initial_params(config, model_config: LlavaConfig, mesh):
 
 def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> StageResult:
   """One training stage in `workdir` (resumes from its latest checkpoint when there is one)."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   model_config = recipes.llava_config(config.model)
   mesh = parallel.make_mesh(tuple(config.mesh))
   tcfg = config.train
@@ -149,7 +157,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
       model_config = LlavaConfig.from_dict(saved)
   else:  # weights first: an imported checkpoint's architecture decides image size and placeholders
     model_config, params = initial_params(config, model_config, mesh)
-  tokenizer = data_config.build_tokenizer(config, model_config, tokenizer_workdir or workdir)
+  tokenizer = _build_tokenizer(config, model_config, tokenizer_workdir or workdir)
   source = data_config.build_source(config.data, model_config)
   steps = total_steps(config, len(source))
   optimizer = optimizer_from_config(tcfg, steps)
@@ -177,7 +185,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
     was_preempted = last_step < steps and (preempted.is_set() or ckpt.reached_preemption(last_step))
     if last_step >= steps:
       from llava_jax.checkpoints.orbax_params import save_params
-      save_params(os.path.join(workdir, PARAMS_DIR), state.full_params())
+      save_params(_join(workdir, PARAMS_DIR), state.full_params())
   finally:
     preempted.uninstall()
     ckpt.close()
@@ -194,7 +202,7 @@ def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, pre
   log_every, ckpt_every = max(1, int(tcfg.log_every)), max(1, int(tcfg.checkpoint_every))
   flops_per_token = metrics_lib.train_flops_per_token(model_config, int(config.data.max_length))
   peak = metrics_lib.device_peak_flops()
-  progress = _progress(start, steps)
+  progress = StepProgress(start, steps, _say)
   config_dict = {**config.to_dict(), MODEL_CONFIG_KEY: model_config.to_dict()}
   window_tokens, window_start = 0, time.perf_counter()
   final_loss, step = None, start
@@ -205,30 +213,48 @@ def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, pre
       logger.warning("data ran out at step %d of %d", step, steps)
       step -= 1
       break
+    batch = host_batches.agree_on_length(batch, pipeline.spec)
     window_tokens += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
+    if step == start + 1:
+      progress.before_first()
     state, m = step_fn(state, batch)
+    progress.dispatched(step, m)
+    ckpt.check()  # a background save that failed stops the run now, not one save later
     if step % log_every == 0 or step == steps:
       m = jax.device_get(m)
       elapsed = time.perf_counter() - window_start
       row = {k: float(v) for k, v in m.items()}
+      progress.finished(step)  # its metrics are on the host
       row["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
       if peak:
         row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
       row.update({k: float(v) for k, v in pipeline.metrics().items()})
+      row["data/row_length"] = int(batch["input_ids"].shape[1])  # tokens per row, padding included
       writer.write(step, row)
       final_loss = row["loss"]
       progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}",
                            tok_s=f"{row['tokens_per_s']:.0f}")
       window_tokens, window_start = 0, time.perf_counter()
-    progress.update(1)
     if step % ckpt_every == 0 or step == steps or preempted.is_set() or ckpt.reached_preemption(step):
       ckpt.save(step, state, data_state=pipeline.get_state(), config=config_dict, force=True)
+      writer.flush()
       if preempted.is_set() or ckpt.reached_preemption(step):
         logger.warning("preempted: saved step %d, exiting", step)
         ckpt.wait()
         break
   progress.close()
   return state, final_loss, step
+
+
+def _build_tokenizer(config, model_config, workdir):
+  """data_config.build_tokenizer; a tokenizer trained into the (shared) workdir is trained by process 0 alone,
+  and the other processes load it after a barrier (instead of all writing the same files at once)."""
+  if jax.process_count() == 1 or config.data.tokenizer != data_config.SYNTHETIC_TOKENIZER:
+    return data_config.build_tokenizer(config, model_config, workdir)
+  from jax.experimental import multihost_utils
+  tokenizer = data_config.build_tokenizer(config, model_config, workdir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("llava_jax: synthetic tokenizer saved")
+  return tokenizer if tokenizer is not None else data_config.build_tokenizer(config, model_config, workdir)
 
 
 def _freeze(tcfg):
@@ -242,9 +268,9 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _progress(start: int, total: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+def _join(path, *parts) -> str:
+  """`path`/parts as a string, for local paths and URLs alike (os.path would not do for gs://)."""
+  return os.fspath(epath.Path(path).joinpath(*parts))
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) -> dict:
@@ -269,15 +295,15 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) 
     return run(last, model.config, model.params, model.tokenizer, workdir=workdir, mesh=model.mesh)
   mesh = parallel.make_mesh(tuple(config.mesh))
   model_config = recipes.llava_config(last.model)
-  path = checkpoint or os.path.join(workdir if name is None else os.path.join(workdir, name), PARAMS_DIR)
-  if os.path.exists(os.path.join(path, "config.json")):
+  path = checkpoint or _join(workdir if name is None else _join(workdir, name), PARAMS_DIR)
+  if (epath.Path(path) / "config.json").exists():
     from llava_jax.checkpoints.hf import load_pretrained
     model_config, params = load_pretrained(path, runtime=model_config.runtime, mesh=mesh)
   else:
     from llava_jax.checkpoints.hf import param_shardings
     from llava_jax.checkpoints.orbax_params import restore_params
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"no params at {path}: train first, or pass --checkpoint")
+    if not epath.Path(path).is_dir():
+      raise MissingFileError(f"no params at {path}: train first, or pass --checkpoint")
     params = restore_params(path, param_shardings(model_config, mesh))
   tokenizer = data_config.build_tokenizer(last, model_config, workdir)
   from llava_jax.eval.synthetic import evaluate_synthetic

@@ -1,38 +1,79 @@
 """Telling the user what happens: JSON-lines metrics, TensorBoard event files, a loss-curve PNG, MFU.
 
 TensorBoard files are written with tensorboardX (no TensorFlow needed). Only process 0 writes.
+
+The workdir may be local or any etils.epath URL (gs://bucket/run, ...): every file goes through `epath`. Object
+stores cannot append, so there metrics.jsonl is rewritten whole (at most every REMOTE_FLUSH_S seconds, at each
+checkpoint and at the end) and TensorBoard event files are streamed through `epath.Path.open`.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 from typing import Dict, List, Optional
 
 import jax
+from etils import epath
+
+REMOTE_FLUSH_S = 60.0
+
+
+def is_url(path) -> bool:
+  """True for an epath URL (gs://, s3://, ...) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+class _EpathRecordWriterFactory:
+  """tensorboardX record writers for URL logdirs, through etils.epath (the store the checkpoints use)."""
+
+  def open(self, path):
+    return epath.Path(path).open("wb")
+
+  def directory_check(self, path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _tensorboard(logdir):
+  """A tensorboardX SummaryWriter on `logdir` (local or URL), or None without tensorboardX."""
+  try:
+    from tensorboardX import SummaryWriter, record_writer
+  except ImportError:  # optional: JSON lines are always written
+    return None
+  if is_url(logdir):
+    record_writer.register_writer_factory(os.fspath(logdir).split(":", 1)[0], _EpathRecordWriterFactory())
+  return SummaryWriter(os.fspath(logdir))
 
 
 class MetricsWriter:
   """Appends `{"step": s, **metrics}` to <workdir>/metrics.jsonl and TensorBoard scalars to <workdir>/tb/."""
 
-  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+  def __init__(self, workdir, enabled: Optional[bool] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tb = None
+    self._remote_rows: Optional[List[str]] = None  # URL workdirs: the whole file, rewritten by flush()
+    self._dirty, self._flushed_at = False, time.monotonic()
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-      except ImportError:  # optional: JSON lines are always written
-        self._tb = None
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      if is_url(self.path):
+        self._remote_rows = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+      self._tb = _tensorboard(epath.Path(workdir) / "tb")
 
   def write(self, step: int, metrics: Dict[str, float], prefix: str = "train") -> None:
     if not self.enabled:
       return
     row = {"step": int(step), "split": prefix, **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    if self._remote_rows is None:
+      with self.path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    else:
+      self._remote_rows.append(json.dumps(row))
+      self._dirty = True
+      if time.monotonic() - self._flushed_at > REMOTE_FLUSH_S:
+        self.flush()
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
@@ -41,21 +82,28 @@ class MetricsWriter:
     if self.enabled and self._tb is not None:
       self._tb.add_text(name, text, int(step))
 
-  def close(self) -> None:
+  def flush(self) -> None:
+    """Make everything written so far visible in the workdir (a no-op for local files, appended at once)."""
+    if self._remote_rows is not None and self._dirty:
+      self.path.write_text("".join(r + "\n" for r in self._remote_rows), encoding="utf-8")
+      self._dirty, self._flushed_at = False, time.monotonic()
     if self._tb is not None:
       self._tb.flush()
+
+  def close(self) -> None:
+    self.flush()
+    if self._tb is not None:
       self._tb.close()
 
 
-def read_metrics(workdir: str, split: str = "train") -> List[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+def read_metrics(workdir, split: str = "train") -> List[dict]:
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [r for r in map(json.loads, f) if r.get("split") == split]
+  return [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r.get("split") == split]
 
 
-def plot_loss_curve(workdir: str, out_name: str = "loss.png") -> Optional[str]:
+def plot_loss_curve(workdir, out_name: str = "loss.png") -> Optional[str]:
   """PNG of loss vs step for every run recorded in metrics.jsonl (train, and eval if present)."""
   rows = read_metrics(workdir, "train")
   if not rows or jax.process_index() != 0:
@@ -73,10 +121,12 @@ def plot_loss_curve(workdir: str, out_name: str = "loss.png") -> Optional[str]:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  path = os.path.join(workdir, out_name)
-  fig.savefig(path)
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
   plt.close(fig)
-  return path
+  path = epath.Path(workdir) / out_name
+  path.write_bytes(png.getvalue())
+  return os.fspath(path)
 
 
 # Peak dense throughput per chip (FLOP/s) for MFU, bf16 unless noted; sources in docs/scaling.md.

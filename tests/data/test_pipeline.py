@@ -674,7 +674,7 @@ def test_inspect_writes_jsonl_and_marks_supervised_spans(hostile, tiny_tokenizer
   printed = []
   counts = inspect_samples(_source(chosen, root, "inspect.json"), tiny_tokenizer, TEMPLATE,
                            num_image_tokens=NUM_IMAGE_TOKENS, image_token_index=IMAGE_TOKEN, max_length=128,
-                           out_path=str(out), limit=None, print_fn=printed.append)
+                           out_path=str(out), limit=None, max_images_per_sample=2, print_fn=printed.append)
   assert counts["samples"] == 2 and counts["missing_file"] == 1
   lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
   assert [line["id"] for line in lines] == ["good-two-images", "good-text", "bad-missing"]

@@ -86,8 +86,8 @@ def test_stream_stop_strings_stop_ids_and_limits(tiny_tokenizer):
 
 # ------------------------------------------------------------------------------------------ the CLI
 
-def _run_chat(args, stdin_text, timeout=240):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _run_chat(args, stdin_text, timeout=240, home=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **({"HOME": str(home)} if home else {}))
   env.pop("XLA_FLAGS", None)  # one device, as a user's CPU run
   return subprocess.run([sys.executable, "-m", "llava_jax.main", "--mode=chat", *args], cwd=ROOT, env=env,
                         input=stdin_text, capture_output=True, text=True, timeout=timeout)
@@ -96,11 +96,12 @@ def _run_chat(args, stdin_text, timeout=240):
 def test_piped_chat_multi_turn_matches_reference(checkpoint, tiny_tokenizer, tmp_path):
   red = cf.write_image(str(tmp_path / "red.png"), "red")
   astro = cf.write_image(str(tmp_path / "astronaut.png"), "astronaut")
-  lines = ["What is in the image?", "Describe it in detail.", f"/image {astro}", "What is in the image?",
+  os.symlink(checkpoint, tmp_path / "ckpt")
+  lines = ["What is in the image?", "Describe it in detail.", "/image ~/astronaut.png", "What is in the image?",
            "/image /nonexistent/x.png", "And the colors?", "/reset", "Is there an <image> here?",
            "What is in the image?"]
-  proc = _run_chat(["--config=configs/tiny.py", f"--checkpoint={checkpoint}", f"--image={red}",
-                    "--temperature=0", f"--max_new_tokens={MAX_NEW}"], "\n".join(lines) + "\n")
+  proc = _run_chat(["--config=configs/tiny.py", "--checkpoint=~/ckpt", "--image=~/red.png",  # ~ is $HOME
+                    "--temperature=0", f"--max_new_tokens={MAX_NEW}"], "\n".join(lines) + "\n", home=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   def answer(rounds, image):
@@ -179,3 +180,5 @@ def test_checkpoint_resolution(tmp_path):
     resolve_checkpoint(one, None, str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="--checkpoint"):
     resolve_checkpoint(one, None, None)
+  with pytest.raises(FileNotFoundError, match="--workdir=.*: no such directory"):
+    resolve_checkpoint(one, str(tmp_path / "missing"), None)

@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import http.server
 import json
+import logging
 import os
 import signal
 import socket
@@ -81,6 +82,8 @@ def test_health_models_and_page(server):
   assert cf.call(server.url, "GET", f"/v1/models/{NAME}")[0] == 200
   status, _, body = cf.call(server.url, "GET", "/v1/models/gpt-4")
   assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+  status, _, body = cf.call(server.url, "POST", "/v1/chat/completions", dict(completion(OK), model="gpt-4"))
+  _assert_error(status, body, 404, "model", "model_not_found")
   status, headers, body = cf.call(server.url, "GET", "/")
   assert status == 200 and headers["content-type"].startswith("text/html")
   assert b'id="image-input"' in body and b'id="regenerate"' in body
@@ -346,9 +349,169 @@ def test_remote_and_local_images_when_enabled(model, tmp_path, tiny_tokenizer):
       for url in ("../outside.png", str(tmp_path / "outside.png"), f"http://127.0.0.1:{files.server_address[1]}/x.png"):
         status, _, raw = cf.call(srv.url, "POST", "/v1/chat/completions", completion(_image_message(url)))
         _assert_error(status, raw, 400, "messages")
+      os.mkfifo(root / "fifo.png")  # opening it would block the request thread forever
+      for url in ("red.png\x00.txt", "file://" + str(root) + "/red.png%00", "nothing.png", ".", "fifo.png",
+                  "x" * 5000 + ".png", "file:///" + "../" * 40 + "etc/hostname", "http://[::1/x.png"):
+        status, _, raw = cf.call(srv.url, "POST", "/v1/chat/completions", completion(_image_message(url)))
+        _assert_error(status, raw, 400, "messages")
+      _healthy(srv)
   finally:
     files.shutdown()
     files.server_close()
+
+
+# ------------------------------------------------------------------------------------------ slow clients
+
+class _Records(logging.Handler):
+  """Collects the records of the server's loggers (uvicorn's do not propagate to the root logger)."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.records = []
+
+  def emit(self, record):
+    self.records.append(record)
+
+
+def _raw(port, data: bytes):
+  sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+  sock.sendall(data)
+  return sock
+
+
+def _read_until_closed(sock) -> bytes:
+  """Everything the server sends until it closes the connection (socket.timeout if it never does)."""
+  out = b""
+  while True:
+    piece = sock.recv(65536)
+    if not piece:
+      return out
+    out += piece
+
+
+def test_half_sent_requests_are_closed_without_tracebacks(model):
+  """A head that never completes and a body that stalls are closed after read_timeout_s (the body with a 408);
+  a client leaving mid-body is counted; the server's loggers record no traceback, and it keeps serving."""
+  handler = _Records()
+  loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "llava_jax")]
+  for lg in loggers:
+    lg.addHandler(handler)
+  head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+          b"Content-Length: 100\r\n\r\n")
+  try:
+    with ServerThread(model, ServerOptions(port=0, limits=Limits(**LIMITS), read_timeout_s=1.0)) as srv:
+      with _raw(srv.port, head[:40]) as sock:  # half a head, then nothing: closed, nothing answered
+        assert _read_until_closed(sock) == b""
+      with _raw(srv.port, head + b'{"messages": [') as sock:  # half a body, then nothing
+        response = _read_until_closed(sock)
+      status_line, _, rest = response.partition(b"\r\n")
+      assert status_line == b"HTTP/1.1 408 Request Timeout" and b"connection: close" in rest.lower()
+      error = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+      assert error["code"] == "request_timeout" and "did not arrive within 1 s" in error["message"]
+      app = srv.server.config.app
+      with _raw(srv.port, head + b'{"messages": [') as sock:  # half a body, then the client leaves
+        time.sleep(0.2)
+      deadline = time.monotonic() + 60
+      while app.state.client_disconnects < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert app.state.client_disconnects == 1
+      _healthy(srv)
+  finally:
+    for lg in loggers:
+      lg.removeHandler(handler)
+  tracebacks = [r for r in handler.records if r.exc_info or "Traceback" in r.getMessage()]
+  assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+# ------------------------------------------------------------------------------------------ precompiling
+
+def test_precompiled_server_compiles_nothing_while_serving(model, tiny_tokenizer):
+  """With precompile, start-up compiles one _prefill per shape `precompile.shapes` lists (so its buckets are
+  generate's), and requests of shapes no request had before then compile nothing."""
+  from llava_jax.infer import generate as gen
+  from llava_jax.infer import precompile
+  limits = Limits(**dict(LIMITS, max_images=1, max_output_tokens=16, max_prompt_tokens=127))
+  options = ServerOptions(port=0, limits=limits, max_batch_size=1, precompile=True)
+  gen._prefill.clear_cache()
+  gen._decode.clear_cache()
+  lines = []
+  with ServerThread(model, options, progress=lines.append) as srv:
+    shapes = precompile.shapes(model, limits, 1)
+    assert gen.compile_counts()[0] == len(shapes) == len({s.key for s in shapes})
+    assert lines[0].startswith(f"precompiling 1/{len(shapes)}: ") and lines[-1].startswith(f"precompiled {len(shapes)}")
+    counts = gen.compile_counts()
+    for q, kind, max_tokens in ((Q, "red", 16), ("Hi", None, 3), ("Describe the picture in detail.", "coffee", 9)):
+      message = cf.user_message(q, png(kind) if kind else None)
+      status, _, response = cf.post_json(srv.url, completion({"messages": [message], "max_tokens": max_tokens}))
+      assert status == 200, response
+      if kind == "red":
+        assert answer_of(response)[0] == oracle(tiny_tokenizer, [("<image>\n" + q, None)], kind, max_new=16)[0]
+    assert gen.compile_counts() == counts and srv.server.config.app.state.engine.compiles_off_path == 0
+
+
+def test_a_new_shape_compiles_off_the_serving_path(model, monkeypatch):
+  """While one request's new shape compiles (held here until released), a request of a compiled shape is
+  answered; then the held one is, with the tokens generate gives it alone."""
+  from llava_jax.infer import generate as gen
+  from llava_jax.infer import precompile
+  from llava_jax.infer.engine import Engine, Request
+  entered, release = threading.Event(), threading.Event()
+  real = precompile.compile_shape
+
+  def held(m, shape):
+    if shape.prompt_tokens > 100:
+      entered.set()
+      assert release.wait(300)
+    real(m, shape)
+
+  monkeypatch.setattr(precompile, "compile_shape", held)
+  short = model.encode([{"from": "human", "value": "Hi"}], 0)
+  long = model.encode([{"from": "human", "value": "Describe the picture in great detail, please. " * 6}], 0)
+  assert len(short) <= 64 < 100 < len(long)
+
+  def ask(engine, ids):
+    deltas = []
+    job = engine.submit(Request(input_ids=ids, max_tokens=5), deltas.append)
+    return job, deltas
+
+  engine = Engine(model, max_batch_size=1)
+  try:
+    job, _ = ask(engine, short)
+    assert job.done.wait(300)
+    long_job, long_deltas = ask(engine, long)
+    assert entered.wait(300)  # the long prompt's shape is compiling
+    job, deltas = ask(engine, short)
+    assert job.done.wait(300) and deltas[-1].finish_reason is not None
+    assert not long_job.done.is_set()  # still waiting for its compile, and it did not hold the short one up
+    release.set()
+    assert long_job.done.wait(300)
+    want = gen.generate(model.config, model.params, [long], max_new_tokens=5, stop_token_ids=model.stop_token_ids)
+    assert long_deltas[-1].completion_tokens == len(want.token_ids[0])
+    assert "".join(d.text for d in long_deltas) == model.tokenizer.decode(
+        want.token_ids[0], skip_special_tokens=True).strip()
+    assert engine.compiles_off_path == 2 and engine.batch_sizes == [1, 1, 1]
+  finally:
+    release.set()
+    engine.close()
+
+
+def test_engine_batches_only_requests_that_fit_the_context(model):
+  """A long prompt with few tokens and a short one with many arrive together: they would overflow the context as
+  one batch (generate runs every row to the batch's largest max_tokens), so they run as two, both answered."""
+  from llava_jax.infer.engine import Engine, Request
+  n = next(n for n in range(50, 2000, 5) if len(model.encode([{"from": "human", "value": "cat " * n}], 0)) > 490)
+  long = model.encode([{"from": "human", "value": "cat " * n}], 0)
+  short = model.encode([{"from": "human", "value": "Hi"}], 0)
+  assert len(long) + 30 > model.max_positions >= len(long) + 4
+  engine = Engine(model, max_batch_size=2, batch_window_s=5.0)
+  try:
+    results = [[], []]
+    jobs = [engine.submit(Request(input_ids=ids, max_tokens=k), results[i].append)
+            for i, (ids, k) in enumerate(((long, 4), (short, 30)))]
+    assert all(job.done.wait(300) for job in jobs)
+    assert [r[-1].error for r in results] == [None, None] and engine.batch_sizes == [1, 1]
+  finally:
+    engine.close()
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -364,13 +527,14 @@ def test_serve_cli_binds_loopback_and_stops_on_sigint(checkpoint):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen([sys.executable, "-m", "llava_jax.main", "--mode=serve", "--config=configs/tiny.py",
-                           f"--checkpoint={checkpoint}", f"--port={port}"], cwd=ROOT, env=env,
+                           f"--checkpoint={checkpoint}", f"--port={port}", "--max_batch_size=1", "--max_images=1",
+                           "--max_prompt_tokens=30", "--max_output_tokens=16", "--precompile"], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # loading and precompiling 3 shapes on a shared CPU
     while True:
       assert proc.poll() is None, proc.stdout.read()
-      assert time.monotonic() < deadline, "the server did not come up in 120 s"
+      assert time.monotonic() < deadline, "the server did not come up in 300 s"
       try:
         if cf.call(f"http://127.0.0.1:{port}", "GET", "/health", timeout=5)[0] == 200:
           break
@@ -382,7 +546,7 @@ def test_serve_cli_binds_loopback_and_stops_on_sigint(checkpoint):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert f"http://127.0.0.1:{port}/" in out
+    assert f"http://127.0.0.1:{port}/" in out and "precompiling 1/" in out
   finally:
     if proc.poll() is None:
       proc.kill()

@@ -1,11 +1,12 @@
 """One process of tests/train/test_multihost.py: `jax.distributed` on 127.0.0.1 with simulated CPU devices.
 
     python tests/train/multihost_worker.py --process_id=I --num_processes=P --port=N --devices=D \
-        --workdir=W --tokenizer_root=R --steps=S --out=DIR
+        --workdir=W --tokenizer_root=R --steps=S --out=DIR [--buckets=L1,L2,...]
 
-Trains configs/tiny.py (no warmup) with a schedule of S steps using loop.train on a global (P·D, 1, 1) mesh —
-each process loads only its own rows (the pipeline shards by jax.process_index) — until the test sends SIGTERM
-(jax's preemption sync manager makes every process stop and save at the same step), then writes, for the test
+Trains configs/tiny.py (no warmup; data.bucket_lengths from --buckets) with a schedule of S steps using
+loop.train on a global (P·D, 1, 1) mesh — each process loads only its own rows (the pipeline shards by
+jax.process_index) — until the test sends SIGTERM (jax's preemption sync manager makes every process stop and
+save at the same step), then writes, for the test
 to compare across processes:
   DIR/result.process<I>.json     {"steps": last step, "preempted": bool}
   DIR/metrics.process<I>.jsonl   this process's view of every logged step's metrics (replicated scalars)
@@ -28,6 +29,7 @@ def parse_args(argv):
     p.add_argument(f"--{name}", type=int, required=True)
   for name in ("workdir", "tokenizer_root", "out"):
     p.add_argument(f"--{name}", required=True)
+  p.add_argument("--buckets", default="", help="comma-separated data.bucket_lengths (default: the config's)")
   return p.parse_args(argv)
 
 
@@ -39,6 +41,7 @@ def main(argv):
   import jax
   import numpy as np
   from flax import traverse_util
+  from etils import epath
   from jax.experimental import multihost_utils
 
   jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
@@ -54,7 +57,7 @@ def main(argv):
 
     def __init__(self, workdir, enabled=None):
       super().__init__(args.out, enabled=True)
-      self.path = os.path.join(args.out, f"metrics.process{args.process_id}.jsonl")
+      self.path = epath.Path(args.out) / f"metrics.process{args.process_id}.jsonl"
 
   loop.metrics_lib.MetricsWriter = PerProcessWriter
 
@@ -67,6 +70,8 @@ def main(argv):
   config.train.warmup_ratio = 0.0
   config.train.checkpoint_every = 2
   config.eval.synthetic_samples = 0
+  if args.buckets:
+    config.data.bucket_lengths = tuple(int(n) for n in args.buckets.split(","))
   result = loop.train(config, args.workdir, tokenizer_workdir=args.tokenizer_root)
   with open(os.path.join(args.out, f"result.process{args.process_id}.json"), "w") as f:
     json.dump({"steps": int(result.steps), "preempted": bool(result.preempted)}, f)

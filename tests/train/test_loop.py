@@ -30,6 +30,7 @@ from llava_jax.train.step import make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_STEPS, PREEMPT_AT = 6, 3
+EX_TEMPFAIL = 75  # sysexits.h "temporary failure, try again": what a preempted (saved, unfinished) run exits with
 # metrics that must repeat exactly on a resumed run (timings and MFU are wall-clock)
 DETERMINISTIC = ("loss", "loss_sum", "grad_norm", "accuracy", "correct", "tokens", "input_tokens",
                  "learning_rate", "data/samples", "data/batches")
@@ -299,9 +300,14 @@ def _sigterm_and_wait(proc, timeout=90):
   return proc.wait(timeout=timeout)
 
 
+def test_preempted_exit_code_is_ex_tempfail():
+  assert checkpointing.PREEMPTED_EXIT_CODE == EX_TEMPFAIL == os.EX_TEMPFAIL
+
+
 def test_cli_sigterm_saves_exits_cleanly_and_rerun_resumes(tmp_path, tokenizer_root, compilation_cache):
-  """`python -m llava_jax.main` on a long run: SIGTERM after the first checkpoint → exit code 0 with a checkpoint
-  at the step reached (the last logged step); a rerun resumes from it (not from scratch) and is preempted again."""
+  """`python -m llava_jax.main` on a long run: SIGTERM after the first checkpoint → exit code 75 (EX_TEMPFAIL, "try
+  again": a requeue-on-failure scheduler reruns it) with a checkpoint at the step reached (the last logged step);
+  a rerun resumes from it (not from scratch) and is preempted again, exiting 75 again."""
   workdir = str(tmp_path / "cli")
   shutil.copytree(os.path.join(tokenizer_root, "tokenizer"), os.path.join(workdir, "tokenizer"))
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -313,7 +319,7 @@ def test_cli_sigterm_saves_exits_cleanly_and_rerun_resumes(tmp_path, tokenizer_r
     proc, log = _start_cli(workdir, log_path, env)
     procs.append((proc, log))
     _wait_for(lambda: _checkpoint_steps(workdir), proc, 240, "the first checkpoint")
-    assert _sigterm_and_wait(proc) == 0, open(log_path).read()[-3000:]
+    assert _sigterm_and_wait(proc) == EX_TEMPFAIL, open(log_path).read()[-3000:]
     reached = logged()[-1]
     assert logged() == list(range(1, reached + 1))
     assert reached >= 2 and _checkpoint_steps(workdir)[-1] == reached  # saved where it stopped, on or off the grid
@@ -322,7 +328,7 @@ def test_cli_sigterm_saves_exits_cleanly_and_rerun_resumes(tmp_path, tokenizer_r
     proc, log = _start_cli(workdir, log_path, env)
     procs.append((proc, log))
     _wait_for(lambda: logged()[-1] > reached, proc, 240, "a step after the resume")
-    assert _sigterm_and_wait(proc) == 0, open(log_path).read()[-3000:]
+    assert _sigterm_and_wait(proc) == EX_TEMPFAIL, open(log_path).read()[-3000:]
     steps = logged()
     assert steps == list(range(1, steps[-1] + 1))  # continued at reached + 1: nothing repeated, nothing skipped
     assert _checkpoint_steps(workdir)[-1] == steps[-1] > reached

@@ -6,6 +6,11 @@ The pipeline gives host h the samples h::2 of the shared shuffled epoch, so glob
 samples as the single-process batch i, in another row order: the loss and the update match to float32
 tolerance (summation order), not bit for bit. The two processes must match each other exactly.
 
+Padding: each host picks a bucket from its own rows and the hosts agree on the longest every step
+(train/host_batches.py), so a global batch is padded to exactly the length the one-process batch of the same
+samples gets — not to max_length. BUCKETS are fine-grained around the tiny data's lengths (135-144 tokens), so
+the length changes from step to step.
+
 Preemption: SIGTERM reaches process 0 first and process 1 a second later (as on a pod, never at the same
 step); jax's preemption sync manager makes both stop, save and exit cleanly at the same step.
 """
@@ -33,8 +38,9 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_wor
 SCHEDULE_STEPS, PROCESSES, DEVICES = 1000, 2, 4
 TIMEOUT_S = 300
 SIGNAL_SKEW_S = 1.0
+BUCKETS = (136, 138, 140, 142, 144, 160)
 DETERMINISTIC = ("loss", "loss_sum", "grad_norm", "accuracy", "correct", "tokens", "input_tokens",
-                 "learning_rate")
+                 "learning_rate", "data/row_length")
 
 
 def load_config(name: str):
@@ -77,7 +83,7 @@ def run_workers(tmp_path, tokenizer_root):
     for i in range(PROCESSES):
       cmd = [sys.executable, WORKER, f"--process_id={i}", f"--num_processes={PROCESSES}", f"--port={port}",
              f"--devices={DEVICES}", f"--steps={SCHEDULE_STEPS}", f"--workdir={workdir}",
-             f"--tokenizer_root={tokenizer_root}", f"--out={out}"]
+             f"--tokenizer_root={tokenizer_root}", f"--out={out}", "--buckets=" + ",".join(map(str, BUCKETS))]
       log = open(tmp_path / f"worker{i}.log", "wb")
       procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + TIMEOUT_S
@@ -132,6 +138,7 @@ def test_two_processes_agree_with_each_other_and_one_process(tmp_path, monkeypat
   config.train.warmup_ratio = 0.0
   config.train.checkpoint_every = 2
   config.eval.synthetic_samples = 0
+  config.data.bucket_lengths = BUCKETS
   tokenizer_root = str(tmp_path / "tok")
   data_config.build_tokenizer(config, recipes.llava_config(config.model), tokenizer_root)
 
@@ -175,9 +182,42 @@ def test_two_processes_agree_with_each_other_and_one_process(tmp_path, monkeypat
   for a, r in zip(rows[0], ref_rows, strict=True):
     assert a["step"] == r["step"] and a["learning_rate"] == r["learning_rate"]
     assert a["tokens"] == r["tokens"] and a["input_tokens"] == r["input_tokens"] and a["correct"] == r["correct"]
+    # no padding beyond one process's: the agreed length is the bucket of the whole global batch
+    assert a["data/row_length"] == r["data/row_length"], a["step"]
     np.testing.assert_allclose(a["loss"], r["loss"], rtol=1e-6)
     np.testing.assert_allclose(a["grad_norm"], r["grad_norm"], rtol=1e-5)
+  lengths = [a["data/row_length"] for a in rows[0]]
+  assert min(lengths) < config.data.max_length and len(set(lengths)) > 1, lengths  # buckets in use, not max_length
   ref = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(single.state.full_params()).items()}
   assert ref.keys() == params[0].keys()
   for k in ref:
     np.testing.assert_allclose(params[0][k], ref[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+LAUNCH_TIMEOUT_S = 900
+
+
+def test_launcher_trains_and_evaluates_tiny_across_two_processes(tmp_path):
+  """launch/README.md's local command, as a user runs it (eval on): `launch/local_multiprocess.sh -n 2
+  --devices-per-process 4 -- --config=configs/tiny.py --workdir=DIR` trains, evaluates the held-out questions on
+  the mesh spanning both processes (generation fetches rows living on the other process's devices), exits 0, and
+  the report is written and printed once (by process 0)."""
+  out = subprocess.run(["bash", "-c", "echo ${BASH_VERSINFO[0]}.${BASH_VERSINFO[1]}"], capture_output=True,
+                       text=True).stdout.strip()
+  if tuple(int(x) for x in out.split(".")) < (5, 1):
+    pytest.skip(f"launch/local_multiprocess.sh needs bash >= 5.1, this is {out}")
+  config = load_config("tiny")
+  workdir, logs = tmp_path / "mp_tiny", tmp_path / "logs"
+  env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)  # the launcher gives each process its devices
+  cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "-n", "2", "--devices-per-process", "4",
+         "--port", str(free_port()), "--log-dir", str(logs), "--", "--config=configs/tiny.py", f"--workdir={workdir}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        timeout=LAUNCH_TIMEOUT_S)
+  texts = [(logs / f"process_{i}.log").read_text() for i in range(PROCESSES)]
+  assert proc.returncode == 0, "\n".join(t[-3000:] for t in texts)
+  assert [r["step"] for r in read_metrics(str(workdir))] == list(range(1, config.train.num_steps + 1))
+  report = json.loads((workdir / loop.EVAL_REPORT).read_text())
+  assert report["accuracy"]["n"] == config.eval.synthetic_samples and len(report["samples"]) == 3
+  assert [t.count("held-out synthetic questions:") for t in texts] == [1, 0]
+  assert os.path.isdir(workdir / loop.PARAMS_DIR)

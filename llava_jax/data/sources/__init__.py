@@ -12,8 +12,10 @@ A record carries either "image" paths or in-memory "images" (in-memory ones win 
 image must match one "<image>" placeholder. Every source has an `image_root` attribute (None when paths are
 absolute or images are in memory) to hand to the pipeline. File-based sources never open images: the pipeline
 decodes them (data/image.load_image) in its workers, so a missing or broken file is a counted per-sample skip.
-Structurally bad records are kept and yielded as found; the encoder rejects them with
-SampleError('malformed_conversation').
+Structurally bad records (an empty, non-string or NUL-bearing "image" path included) are kept and yielded as
+found; the encoder rejects them with SampleError('malformed_conversation'). A source may have `origins(i)`
+saying where record i is in its files ("data.jsonl line 13"); the pipeline names it in skip logs and strict
+errors (else "index i").
 
 Sources: LlavaJsonSource (LLaVA .json / .jsonl), ScienceQASource (raw ScienceQA release, QCM-LEA),
 SyntheticShapesSource (seeded coloured-shape visual QA and captions), TfdsSource (prepared TFDS data sets;

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 from typing import Any, Iterable, List, Optional
 
 import numpy as np
@@ -33,8 +34,28 @@ def record_problem(record: Any) -> Optional[str]:
   image = record.get("image")
   if image is not None:
     paths = image if isinstance(image, list) else [image]
-    if not all(isinstance(p, str) and p for p in paths):
-      return f"'image' must be a path or a list of paths, got {image!r:.80}"
+    problems = [image_path_problem(p) for p in paths]
+    if not isinstance(image, (str, list)) or any(problems):
+      detail = next((p for p in problems if p), f"got {image!r:.80}")
+      return f"'image' must be a path or a list of paths: {detail}"
+  return None
+
+
+def image_path_problem(path) -> Optional[str]:
+  """Why `path` (a record's "image" entry) can never name a file, or None: it must be a non-empty str (or
+  os.PathLike) without NUL bytes that the file system encoding can encode."""
+  if isinstance(path, os.PathLike):
+    path = os.fspath(path)
+  if not isinstance(path, str):
+    return f"an image path must be a string, got {type(path).__name__}"
+  if not path:
+    return "an image path is empty"
+  if "\0" in path:
+    return f"image path {path[:100]!r} contains a NUL byte"
+  try:
+    os.fsencode(path)
+  except UnicodeError as e:
+    return f"image path {path[:100]!r} cannot be encoded as a file name: {e}"
   return None
 
 
@@ -61,6 +82,21 @@ def check_index(index, length: int) -> int:
   if not 0 <= i < length:
     raise IndexError(f"index {index} out of range for a source of {length} records")
   return i
+
+
+class RecordOrigins:
+  """Where each record of a file-backed source is: `origins(i)` → "name line N" (1-based line numbers given, e.g.
+  JSON Lines) or "name record #i". Small and picklable (int32 line numbers), so the pipeline can ship it to its
+  workers without the records."""
+
+  def __init__(self, name: str, lines: Optional[Iterable[int]] = None):
+    self.name = name
+    self.lines = None if lines is None else np.asarray(list(lines), np.int32)
+
+  def __call__(self, index: int) -> str:
+    if self.lines is None:
+      return f"{self.name} record #{index}"
+    return f"{self.name} line {int(self.lines[index])}"
 
 
 class PackedJson:

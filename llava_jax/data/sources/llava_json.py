@@ -1,12 +1,13 @@
 """LLaVA's own data format: a JSON list (or JSON Lines) of `{"id", "image"?, "conversations"}` records."""
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
 from typing import Any, List, Optional, Tuple
 
-from llava_jax.data.sources.base import PackedJson, check_index, normalize_record, record_problem
+from llava_jax.data.sources.base import PackedJson, RecordOrigins, check_index, normalize_record, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class LlavaJsonSource:
   JSONL line that is not JSON) is kept, logged once at load with the others, listed in `self.malformed`
   as `(index, id, problem)`, and yielded with its fields as found, so the encoder rejects it with
   SampleError('malformed_conversation') and the pipeline counts it.
+  `origins(i)` says where record i is in the file ("data.jsonl line 13" for JSON Lines, "data.json record #12"
+  for a list); the pipeline names it in skip logs and strict-mode errors.
   """
 
   def __init__(self, json_path: str | os.PathLike, image_root: Optional[str | os.PathLike] = None, *,
@@ -33,7 +36,8 @@ class LlavaJsonSource:
     self.json_path = os.fspath(json_path)
     self.image_root = None if image_root is None else os.fspath(image_root)
     name = os.path.basename(self.json_path)
-    raw, line_errors = _read_records(self.json_path)
+    raw, line_errors, lines = _read_records(self.json_path)
+    self.origins = RecordOrigins(name, lines)
     records = []
     self.malformed: List[Tuple[int, str, str]] = []
     for i, rec in enumerate(raw):
@@ -43,7 +47,7 @@ class LlavaJsonSource:
         self.malformed.append((i, record["id"], problem))
       records.append(record)
     if self.malformed:
-      listing = "; ".join(f"#{i} id={rid!r}: {p}" for i, rid, p in self.malformed[:20])
+      listing = "; ".join(f"{self.origins(i)} id={rid!r}: {p}" for i, rid, p in self.malformed[:20])
       more = f" (and {len(self.malformed) - 20} more)" if len(self.malformed) > 20 else ""
       if strict:
         raise ValueError(f"{self.json_path}: {len(self.malformed)} malformed record(s): {listing}{more}")
@@ -62,27 +66,38 @@ class LlavaJsonSource:
             f"malformed={len(self.malformed)})")
 
 
-def _read_records(path: str) -> Tuple[List[Any], dict]:
-  """(records, {index: problem}) from a JSON list or JSON Lines file."""
-  with open(path, "r", encoding="utf-8") as f:
-    text = f.read()
-  stripped = text.lstrip()
-  as_list = path.endswith(".json") or (not path.endswith(".jsonl") and stripped.startswith("["))
+def _read_records(path: str) -> Tuple[List[Any], dict, Optional[List[int]]]:
+  """(records, {index: problem}, 1-based line number of each record or None for a JSON list) from a JSON list or
+  JSON Lines file."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  if raw.startswith(codecs.BOM_UTF8):  # written by some editors / Windows tools
+    raw = raw[len(codecs.BOM_UTF8):]
+  as_list = path.endswith(".json") or (not path.endswith(".jsonl") and raw.lstrip().startswith(b"["))
   if as_list:
     try:
-      data = json.loads(text)
+      data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e}); use .jsonl for one record per line") from None
     if not isinstance(data, list):
       raise ValueError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-    return data, {}
-  records, errors = [], {}
-  for lineno, line in enumerate(text.splitlines(), start=1):
+    return data, {}, None
+  records, errors, lines = [], {}, []
+  # Lines end at "\n" only (JSON Lines; a "\r" before it is dropped): str.splitlines would also split at U+2028,
+  # U+0085, ... which JSON strings may hold unescaped. Each line is decoded on its own, so a line that is not
+  # UTF-8 is one malformed record, not a failed load.
+  for lineno, line in enumerate(raw.split(b"\n"), start=1):
     if not line.strip():
       continue
+    lines.append(lineno)
     try:
-      records.append(json.loads(line))
+      records.append(json.loads(line.decode("utf-8")))
+    except UnicodeDecodeError as e:
+      errors[len(records)] = f"line {lineno} is not UTF-8 at byte {e.start} ({e.reason})"
+      records.append(None)
     except json.JSONDecodeError as e:
       errors[len(records)] = f"line {lineno} is not valid JSON ({e})"
       records.append(None)
-  return records, errors
+  return records, errors, lines

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 
 from llava_jax.data.sources.base import check_index
+from llava_jax.errors import MissingFileError
 
 Adapter = Callable[[Dict[str, Any], int], dict]
 TFDS_ADAPTERS: Dict[str, Adapter] = {}
@@ -172,10 +173,10 @@ class TfdsSource:
       try:
         builder = tfds.builder(self.name, data_dir=self.data_dir)
       except tfds.core.DatasetNotFoundError:
-        raise FileNotFoundError(f"TFDS data set {self.name!r} is not prepared under data_dir={self.data_dir!r} "
+        raise MissingFileError(f"TFDS data set {self.name!r} is not prepared under data_dir={self.data_dir!r} "
                                 f"and has no registered builder; {hint}") from None
       if not builder.is_prepared():
-        raise FileNotFoundError(f"TFDS data set {self.name!r} is not prepared under {builder.data_dir}; {hint}")
+        raise MissingFileError(f"TFDS data set {self.name!r} is not prepared under {builder.data_dir}; {hint}")
       self._reader = builder.as_data_source(split=self.split,
                                             decoders=_skip_image_decoders(builder.info.features) or None)
     return self._reader
