@@ -29,6 +29,8 @@ EXTRAS = {
         "pytest>=8",
         "pytest-xdist",
         "torch==2.13.0",
+        "peft",          # the LoRA oracle (PeftModel); install with --no-deps (+ accelerate) to keep torch 2.13.0
+        "accelerate",
         "scikit-image",
         "selenium",      # drives the system Chromium for the chat-page test
         "nbformat",      # the notebooks are executed top to bottom by the tests

@@ -2,6 +2,7 @@
 
 The tokenizer is a SentencePiece BPE trained on the synthetic texts (vocab_size - 1 pieces); the last id is
 the image placeholder, as llava-hf appends `<image>` after the LLaMA vocabulary.
+`--config=configs/tiny.py:lora`: the LoRA variant (rank 4 adapters on the decoder, projector at its own rate).
 """
 import ml_collections
 
@@ -27,4 +28,8 @@ def get_config(arg: str = ""):
       mesh=(-1, 1, 1))
   c.eval = ml_collections.ConfigDict(dict(synthetic_samples=16, seed=12345, batch_size=8))
   c.stages = ()
+  if arg == "lora":
+    r.with_lora(c, mm_projector_lr=3e-4, rank=4, alpha=8.0, dropout=0.05)
+  elif arg:
+    raise ValueError(f"configs/tiny.py takes '' or 'lora', got {arg!r}")
   return c

@@ -9,6 +9,7 @@ All dataclasses are frozen and hashable: they are static arguments of jitted fun
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Optional, Tuple, Union
 
 import jax.numpy as jnp
@@ -18,9 +19,41 @@ ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "chunked", "splash")
 PROJECTOR_TYPES_DOC = "'linear', 'mlp2x_gelu', 'mlp3x_gelu', ... ('mlp{N}x_gelu' generally)"
 
 
+LORA_DEFAULT_TARGET = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the decoder's linear layers, as PEFT's `LoraConfig` (models/lora.py).
+
+  y = x·W + dropout(x)·A·B · (alpha / r), A [in, r] kaiming-uniform, B [r, out] zeros (so a fresh adapter
+  is the base model). rank: r (> 0). alpha: lora_alpha. dropout: on the adapter's input only (training steps
+  that pass a 'dropout' rng). target: regex `re.fullmatch`ed against each decoder Dense's '/'-joined module path
+  (e.g. 'language_model/layers/self_attn/q_proj'; 'layers_3' when layers are not scanned); the default is
+  LLaVA's `find_all_linear_names` (every decoder linear but the lm_head).
+  """
+  rank: int = 128
+  alpha: float = 256.0
+  dropout: float = 0.05
+  target: str = LORA_DEFAULT_TARGET
+
+  def __post_init__(self):
+    if int(self.rank) <= 0:
+      raise ValueError(f"lora rank={self.rank} must be positive")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"lora dropout={self.dropout} must be in [0, 1)")
+    re.compile(self.target)
+
+  @property
+  def scale(self) -> float:
+    """alpha / r, PEFT's `scaling` (without rslora)."""
+    return float(self.alpha) / int(self.rank)
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-  """How the model is computed. None of these fields changes the function computed (up to dtype rounding).
+  """How the model is computed. None of these fields but `lora` changes the function computed (up to dtype
+  rounding).
 
   dtype: compute dtype of matmuls and activations ('float32' | 'bfloat16'); norms, softmax and the loss
     always run in float32.
@@ -40,8 +73,11 @@ class RuntimeOptions:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  lora: Optional[LoraConfig] = None
 
   def __post_init__(self):
+    if isinstance(self.lora, dict):
+      object.__setattr__(self, "lora", LoraConfig(**self.lora))
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:

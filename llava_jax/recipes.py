@@ -14,10 +14,11 @@ import dataclasses
 
 import ml_collections
 
-from llava_jax.config import LlavaConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax.config import LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
 
 STAGE1_TRAINABLE = r"multi_modal_projector/.*"
 STAGE2_TRAINABLE = r"multi_modal_projector/.*|language_model/.*"
+LORA_TRAINABLE = r"multi_modal_projector/.*|.*/lora_(a|b)"  # LoRA fine-tuning: adapters + the projector
 
 
 def _dc(obj) -> dict:
@@ -60,6 +61,22 @@ def model_section(vision: dict, text: dict, projector_type: str, image_token_ind
                                  remat_policy=remat_policy, attention_impl=attention_impl))))
 
 
+def lora_section(rank: int = 128, alpha: float = 256.0, dropout: float = 0.05, **kw) -> dict:
+  """`model.runtime.lora`: LoRA on the decoder (models/lora.py); defaults = LLaVA's finetune_lora.sh (r 128,
+  alpha 256, dropout 0.05, every decoder linear but the lm_head). Train with `LORA_TRAINABLE`."""
+  return _dc(LoraConfig(rank=rank, alpha=alpha, dropout=dropout, **kw))
+
+
+def with_lora(config: ml_collections.ConfigDict, mm_projector_lr: float = 2e-5, **lora) -> ml_collections.ConfigDict:
+  """A recipe turned into its LoRA variant (in place): adapters on the decoder (`lora_section(**lora)`), only
+  adapters + projector trained, the projector at its own peak rate `mm_projector_lr` (reference: 2e-5 while the
+  adapters use train.learning_rate, 2e-4)."""
+  config.model.runtime.lora = lora_section(**lora)
+  config.train.trainable = LORA_TRAINABLE
+  config.train.mm_projector_lr = float(mm_projector_lr)
+  return config
+
+
 def init_section(**kw) -> ml_collections.ConfigDict:
   """Weights: `pretrained` (llava-hf or original LLaVA dir) or `language_model` + `vision_tower` (+ `projector`,
   a stage-1 mm_projector file) or `from_workdir` (a finished stage-1 run of ours); empty = random init."""
@@ -97,7 +114,8 @@ def train_section(**kw) -> ml_collections.ConfigDict:
       trainable=STAGE2_TRAINABLE,
       freeze=r"vision_tower/.*",  # never trained whatever `trainable` says (LLaVA freezes CLIP); '' = none
       global_batch_size=128, micro_batches=1,
-      learning_rate=2e-5, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
+      learning_rate=2e-5, mm_projector_lr=0.0,  # > 0: the projector's own peak rate (LoRA recipes)
+      warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
       b1=0.9, b2=0.999, eps=1e-8,
       num_epochs=1.0, num_steps=-1,  # num_steps > 0 overrides epochs
       seed=0, log_every=10, checkpoint_every=500, keep_checkpoints=3,

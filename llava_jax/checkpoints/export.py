@@ -27,6 +27,7 @@ from llava_jax.checkpoints.reader import SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DT
 from llava_jax.checkpoints.table import KeySpec, export_tensors, get_in
 from llava_jax.config import LlavaConfig, dtype_name
 from llava_jax.errors import MissingFileError
+from llava_jax.models.lora import merge_lora
 
 HUB_TEXT_PREFIX = "language_model.model."
 HUB_HEAD_KEY = "language_model.lm_head.weight"
@@ -130,13 +131,18 @@ def export_hf(config: LlavaConfig, params: dict, out_dir: str, tokenizer: Any = 
               dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3) -> str:
   """Write a llava-hf directory that `transformers.LlavaForConditionalGeneration.from_pretrained` loads.
 
-  params: our param tree for `config` (scanned or not, as config.runtime.scan_layers says), any sharding.
+  params: our param tree for `config` (scanned or not, as config.runtime.scan_layers says), any sharding. With
+    `config.runtime.lora` the adapters are merged into their kernels first (checkpoints/peft.py writes the
+    adapter alone).
   tokenizer: a transformers tokenizer (saved with `save_pretrained`) or a directory to copy tokenizer files from.
   dtype: dtype of the written tensors (default: each param's own dtype).
   max_shard_bytes: shard size limit; above it the weights are split with a `model.safetensors.index.json`.
   Returns out_dir. Raises ValueError for configs llava-hf cannot express (see `check_exportable`).
   """
   check_exportable(config)
+  if config.runtime.lora is not None:  # LoRA: export the merged weights W + (alpha / r)·A·B as a plain model
+    params = merge_lora(params, config.runtime.lora)
+    config = config.with_runtime(lora=None)
   os.makedirs(out_dir, exist_ok=True)
   for name in os.listdir(out_dir):  # stale weights from an earlier export would shadow or mix with ours
     if name == SAFE_INDEX or (name.startswith("model") and name.endswith(".safetensors")):

@@ -57,7 +57,9 @@ def load_pretrained(path: str, *, vision_tower: Optional[str] = None, projector:
     holding only a config.json states the tower's config while the weights come from the checkpoint.
   dtype: parameter dtype ('float32', 'bfloat16', ...); also the compute dtype unless `runtime` is given.
     None keeps `runtime.param_dtype` (float32 by default).
-  runtime: RuntimeOptions of the returned config (scan_layers decides the param tree layout).
+  runtime: RuntimeOptions of the returned config (scan_layers decides the param tree layout), minus `lora`: a
+    checkpoint holds plain weights (a LoRA run re-attaches its `lora` and the train state adds fresh adapters;
+    checkpoints/peft.py imports PEFT ones).
   mesh: place each leaf on its NamedSharding from the model's logical axes and `parallel.LOGICAL_AXIS_RULES`;
     None puts leaves on the default device.
   allow_pickle: read legacy pickle `.bin` weights (with `torch.load(weights_only=True)`); off by default.
@@ -78,7 +80,7 @@ def load_pretrained(path: str, *, vision_tower: Optional[str] = None, projector:
   if dtype is not None:
     name = dtype_name(dtype)
     rt = dataclasses.replace(rt, param_dtype=name, **({} if runtime is not None else {"dtype": name}))
-  config = config.replace(runtime=rt)
+  config = config.replace(runtime=dataclasses.replace(rt, lora=None))  # checkpoints hold full weights, no adapters
   check_keys(plan.sources)
   params = stream_params(config, plan, mesh=mesh, seed=seed)
   return config, params

@@ -52,6 +52,13 @@ def restore_params(path, target_shardings: Optional[Any] = None) -> Any:
     return ckpt.restore(path, target)
 
 
+def saved_tree(path) -> Any:
+  """The saved params' tree with orbax array metadata (shape, dtype) as leaves; reads no array."""
+  with ocp.StandardCheckpointer() as ckpt:
+    meta = ckpt.metadata(_resolve(path)).item_metadata
+  return getattr(meta, "tree", meta)
+
+
 def _as_tree_like(meta, shardings):
   """Check that the sharding tree has the saved tree's structure; raise naming the difference."""
   want = jax.tree.structure(meta)

@@ -34,9 +34,10 @@ def scan_blocks(block_cls, length: int, name: str = "layers", in_axes=()):
   """`nn.scan` over `length` copies of `block_cls`; params gain a leading 'layers' axis.
 
   The block's `__call__(carry, *broadcast_args)` must return `(carry, y)`; `y` is stacked [length, ...].
+  A 'dropout' rng (LoRA's, models/lora.py) is split per layer, so layers draw different masks.
   `in_axes` gives `nn.broadcast` (or 0) for each extra positional argument.
   """
-  return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+  return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 

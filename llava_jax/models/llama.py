@@ -35,7 +35,7 @@ import flax.struct
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import RopeScaling, RuntimeOptions, TextConfig
-from llava_jax.models import common, splash
+from llava_jax.models import common, lora, splash
 
 _EMBED_AXES = ("batch", "length", "act_embed")
 _INIT = nn.initializers.normal(0.02)  # HF LlamaConfig.initializer_range
@@ -147,7 +147,11 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, length: int) -> jax
 # Layers
 
 
-def _dense(features: int, axes: Tuple[str, str], runtime: RuntimeOptions, name: str, **kw) -> nn.Dense:
+def _dense(features: int, axes: Tuple[str, str], runtime: RuntimeOptions, name: str, **kw) -> nn.Module:
+  """Bias-free Dense with logically partitioned kernel; LoRA-aware (models/lora.py) when `runtime.lora` is set."""
+  if runtime.lora is not None:
+    return lora.LoraDense(features, runtime.lora, axes, dtype=runtime.jnp_dtype, param_dtype=runtime.jnp_param_dtype,
+                          kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name, **kw)
   return nn.Dense(features, use_bias=False, dtype=runtime.jnp_dtype, param_dtype=runtime.jnp_param_dtype,
                   kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name, **kw)
 

@@ -121,7 +121,13 @@ def initial_params(config, model_config: LlavaConfig, mesh):
     path = _join(init.from_workdir, PARAMS_DIR)
     if not epath.Path(path).is_dir():
       raise MissingFileError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
-    return model_config, restore_params(path, param_shardings(model_config, mesh))
+    shardings = param_shardings(model_config, mesh)
+    if model_config.runtime.lora is not None:  # LoRA after a base-model stage: adapters start fresh (train state)
+      from llava_jax.checkpoints.orbax_params import saved_tree
+      from llava_jax.models.lora import adapter_paths, strip_lora
+      if not adapter_paths(saved_tree(path)):
+        shardings = strip_lora(shardings)
+    return model_config, restore_params(path, shardings)
   if init.pretrained or init.language_model:
     from llava_jax.checkpoints.hf import load_pretrained
     path = init.pretrained or init.language_model
@@ -132,7 +138,7 @@ def initial_params(config, model_config: LlavaConfig, mesh):
         config_overrides=dict(vision_feature_layer=model_config.vision_feature_layer,
                               vision_feature_select_strategy=model_config.vision_feature_select_strategy)
         if not init.pretrained else None)
-    return loaded_config, params
+    return loaded_config.with_runtime(lora=model_config.runtime.lora), params  # base weights: fresh adapters
   return model_config, None
 
 

@@ -14,11 +14,14 @@ What the reference (LLaVA's `train.py` on HF Trainer) does, and what we match:
   warmup, exactly as torch's LambdaLR does.
 - Gradient clipping to global norm `max_grad_norm` (HF default 1.0) before AdamW. torch's `clip_grad_norm_`
   scales by max/(norm + 1e-6), optax by max/norm: a relative difference below 1e-6/norm.
+- LoRA fine-tuning (`finetune_lora.sh`): `mm_projector_lr` puts the projector in its own parameter group with
+  its own peak rate (2e-5 against the adapters' 2e-4), same schedule shape (`make_optimizer`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -78,25 +81,47 @@ class Optimizer:
     return jnp.asarray(jnp.nan if self.schedule is None else self.schedule(step), jnp.float32)
 
 
+PROJECTOR = r"multi_modal_projector/.*"
+
+
+def projector_labels(params, pattern: str = PROJECTOR):
+  """Pytree of 'projector' / 'default' labels with `params`' structure ('/'-joined path full-matches
+  `pattern` → 'projector'): the param groups of `optax.multi_transform`."""
+  flat = traverse_util.flatten_dict(params)
+  rx = re.compile(pattern)
+  return traverse_util.unflatten_dict({p: "projector" if rx.fullmatch("/".join(map(str, p))) else "default"
+                                       for p in flat})
+
+
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_ratio: float = 0.03,
                    weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, b1: float = 0.9,
-                   b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
+                   b2: float = 0.999, eps: float = 1e-8, projector_learning_rate: Optional[float] = None) -> Optimizer:
   """clip_by_global_norm(max_grad_norm) → AdamW(schedule, b1, b2, eps, weight_decay masked per HF).
 
   `max_grad_norm` None or ≤ 0 disables clipping (HF does the same for 0).
+  projector_learning_rate: the reference's `mm_projector_lr` — the projector's parameters (`PROJECTOR` paths)
+  form their own AdamW group whose schedule has the same warmup and cosine shape but peaks at this rate (HF
+  Trainer's LambdaLR scales each group's base rate by one factor); clipping stays global over all parameters.
+  None or ≤ 0: one group at `learning_rate`. The `learning_rate` metric reports the main group's rate.
   """
   schedule = make_schedule(learning_rate, total_steps, warmup_ratio)
-  adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
-  parts = [adamw] if not max_grad_norm or max_grad_norm <= 0 else [optax.clip_by_global_norm(max_grad_norm), adamw]
+  adamw = lambda sched: optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
+  if projector_learning_rate is not None and projector_learning_rate > 0:
+    projector_schedule = make_schedule(projector_learning_rate, total_steps, warmup_ratio)
+    opt = optax.multi_transform({"default": adamw(schedule), "projector": adamw(projector_schedule)},
+                                projector_labels)
+  else:
+    opt = adamw(schedule)
+  parts = [opt] if not max_grad_norm or max_grad_norm <= 0 else [optax.clip_by_global_norm(max_grad_norm), opt]
   return Optimizer(optax.chain(*parts), schedule)
 
 
 def optimizer_from_config(train, total_steps: int) -> Optimizer:
-  """From the config's `train` section (recipes.train_section fields)."""
+  """From the config's `train` section (recipes.train_section fields; `mm_projector_lr` 0 or absent = one rate)."""
   return make_optimizer(learning_rate=float(train.learning_rate), total_steps=int(total_steps),
                         warmup_ratio=float(train.warmup_ratio), weight_decay=float(train.weight_decay),
                         max_grad_norm=float(train.max_grad_norm), b1=float(train.b1), b2=float(train.b2),
-                        eps=float(train.eps))
+                        eps=float(train.eps), projector_learning_rate=float(train.get("mm_projector_lr", 0.0) or 0.0))
 
 
 def global_norm(tree) -> jax.Array:

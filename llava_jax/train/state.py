@@ -5,6 +5,10 @@ docs/architecture.md), e.g. stage 1 `multi_modal_projector/.*`, stage 2 `multi_m
 A path trains iff some pattern `re.fullmatch`es it and no `freeze` pattern does; `freeze` defaults to the vision
 tower, which LLaVA never trains (pass `freeze=None` to allow it).
 
+LoRA (models/lora.py): train `multi_modal_projector/.*|.*/lora_(a|b)` (recipes.LORA_TRAINABLE): only the adapters
+and the projector get gradients and optimizer state; base weights given without adapters get fresh ones
+(`add_missing_adapters`).
+
 Frozen parameters live in their own subtree: the step differentiates with respect to the trainable subtree
 only and the optimizer state mirrors only that subtree, so frozen weights cost neither gradient memory nor
 optimizer memory.
@@ -23,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import parallel
 from llava_jax.config import LlavaConfig
+from llava_jax.models import lora
 from llava_jax.models.llava import init_params
 from llava_jax.train import sharding as shd
 
@@ -146,6 +151,28 @@ def abstract_train_state(config: LlavaConfig, optimizer, mesh: Mesh, *, trainabl
                     opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
 
 
+def add_missing_adapters(config: LlavaConfig, params, shardings, rng):
+  """Base weights (a pretrained model, a stage-1 run) for a LoRA config: the `lora_a` / `lora_b` leaves the
+  config adds and `params` lacks are freshly initialized (PEFT init: A kaiming-uniform, B = 0, so the model still
+  computes the base weights' function). Anything else missing is left for the caller's shape check to report.
+  Call under the mesh and axis rules; `shardings` is the full param sharding tree."""
+  if config.runtime.lora is None:
+    return params
+  have = traverse_util.flatten_dict(params)
+  want = traverse_util.flatten_dict(shardings)
+  missing = [p for p in want if p not in have and p[-1] in (lora.LORA_A, lora.LORA_B)]
+  if not missing:
+    return params
+  sub = traverse_util.unflatten_dict({p: want[p] for p in missing})
+  fresh = jax.jit(lambda r: _pick(init_params(config, r), missing), out_shardings=sub)(rng)
+  return traverse_util.unflatten_dict({**have, **traverse_util.flatten_dict(fresh)})
+
+
+def _pick(tree, paths):
+  flat = traverse_util.flatten_dict(tree)
+  return traverse_util.unflatten_dict({p: flat[p] for p in paths})
+
+
 def state_shardings(abstract_state: TrainState) -> TrainState:
   """The NamedSharding of every leaf of an abstract (or concrete) TrainState."""
   return jax.tree.map(lambda x: x.sharding, abstract_state)
@@ -168,6 +195,7 @@ def create_train_state(config: LlavaConfig, optimizer, mesh: Mesh, rng, *, train
     if params is None:
       params = jax.jit(lambda r: init_params(config, r), out_shardings=full_sh)(init_key)
     else:
+      params = add_missing_adapters(config, params, full_sh, init_key)
       expected = {path_str(p): x.shape for p, x in traverse_util.flatten_dict(merge_params(abstract.params,
                                                                                            abstract.frozen)).items()}
       given = {path_str(p): tuple(x.shape) for p, x in traverse_util.flatten_dict(params).items()}

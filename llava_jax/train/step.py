@@ -282,7 +282,8 @@ def _decode_hidden(config: LlavaConfig, params, mb: Mapping[str, jax.Array],
       proj = m.multi_modal_projector(tok).astype(embeds.dtype)
       embeds = jnp.where(mb["is_image"][..., None], proj, embeds)
     return m.decode(embeds, mb["positions"], mb["segment_ids"], return_hidden=True)
-  return LlavaModel(config).apply({"params": params}, method=fn)
+  rngs = {"dropout": mb["dropout_rng"]} if "dropout_rng" in mb else None  # LoRA dropout (training only)
+  return LlavaModel(config).apply({"params": params}, method=fn, rngs=rngs)
 
 
 def _head_name(config: LlavaConfig) -> str:
@@ -358,14 +359,19 @@ def _image_features(config: LlavaConfig, params, batch, mesh: Mesh) -> jax.Array
 
 
 def loss_and_grads(config: LlavaConfig, trainable, frozen, batch: Mapping[str, jax.Array], mesh: Mesh, *,
-                   micro_batches: int = 1, chunked_loss: Union[bool, int] = 0, with_grads: bool = True):
+                   micro_batches: int = 1, chunked_loss: Union[bool, int] = 0, with_grads: bool = True,
+                   dropout_rng: Optional[jax.Array] = None):
   """Σ CE, Σ correct, N and (if with_grads) the gradient of Σ CE / N w.r.t. `trainable`. Call inside jit.
+
+  dropout_rng: raw key; when given, micro-batch j runs the model's dropout (LoRA's) with `split(rng, k)[j]`.
 
   Returns (sums dict(ce_sum, correct, tokens, input_tokens), grads or None); tokens = supervised tokens,
   input_tokens = non-padding tokens (for throughput).
   """
   k, chunk = int(micro_batches), _chunk_length(chunked_loss)
   mb, tokens, input_tokens, has_images = _prepare(config, batch, k, mesh)
+  if dropout_rng is not None:
+    mb["dropout_rng"] = jax.random.split(dropout_rng, k)
   vision_trainable = with_grads and has_trainable_under(trainable, "vision_tower")
   head_grad = with_grads and bool(trainable.get("language_model", {}).get(_head_name(config)))
   b, t = batch["input_ids"].shape
@@ -508,8 +514,10 @@ def make_train_step(config: LlavaConfig, optimizer: Union[Optimizer, optax.Gradi
     raise ValueError(f"micro_batches={micro_batches} must be ≥ 1")
 
   def step(state: TrainState, batch):
+    lora = config.runtime.lora
+    dropout_rng = jax.random.fold_in(state.rng, state.step) if lora is not None and lora.dropout > 0 else None
     sums, grads = loss_and_grads(config, state.params, state.frozen, batch, mesh, micro_batches=k,
-                                 chunked_loss=chunked_loss)
+                                 chunked_loss=chunked_loss, dropout_rng=dropout_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _metrics(sums, dict(grad_norm=global_norm(grads), learning_rate=optimizer.learning_rate(state.step)))
