@@ -16,7 +16,7 @@ from llava_jax.scale.hardware import GIB
 from llava_jax.scale.plan import resolve_mesh
 from llava_jax.train import metrics as metrics_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(name, arg=None):
