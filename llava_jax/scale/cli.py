@@ -21,6 +21,7 @@ def plan_flag_defaults() -> ml_collections.ConfigDict:
       serve=False,        # also plan serving: KV cache per device, largest batch at serve_context tokens per row
       serve_context=4096,  # prompt + new tokens per row
       serve_new=512,      # of which new tokens
+      serve_max_rows=1024,  # most rows per device the serving search tries
       train=True,         # plan the training step (False with serve=True: serving only)
   ))
 
@@ -60,7 +61,8 @@ def run_plan(config, plan_config, config_path: str, out=print) -> int:
     out(f"planning serving of {config_path} on {topo.name}: compiling generate's prefill and decode on {where}")
     budget = topo.chip.memory_bytes * (1.0 - float(plan_config.headroom))
     sp = plan_serving_process(config, topo.num_devices, budget, backend=backend, tpu_topology=topo.tpu_topology(),
-                              context=int(plan_config.serve_context), max_new=int(plan_config.serve_new), log=out)
+                              context=int(plan_config.serve_context), max_new=int(plan_config.serve_new),
+                              max_rows=int(plan_config.serve_max_rows), log=out)
     out(sp.render())
     code = code or (0 if sp.max_rows_per_device else 3)
   return code

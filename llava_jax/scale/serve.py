@@ -19,6 +19,14 @@ from typing import Any, List, Optional, Sequence
 GIB = 1024 ** 3
 
 
+def _size(x: float) -> str:
+  """Bytes as GiB (MiB / KiB when small)."""
+  for unit, name in ((GIB, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+    if x >= unit:
+      return f"{x / unit:.3g} {name}" if x < 100 * unit else f"{x / unit:,.0f} {name}"
+  return f"{x:.0f} B"
+
+
 def kv_bytes_per_token(model_config) -> int:
   """KV-cache bytes per token of context (all layers, k and v; compute dtype): 2 · L · Hkv · hd · itemsize."""
   import numpy as np
@@ -134,20 +142,19 @@ class ServePlan:
   def render(self) -> str:
     d, f, t = self.mesh
     lines = [f"Serving ({self.context} tokens of context per row: prompt {self.prompt_len} + {self.max_new} new; "
-             f"mesh {d}x{f}x{t}, rows over data×fsdp):",
-             f"  params {self.params_per_device / GIB:.2f} GiB per device; KV cache {self.kv_per_token / 1024:.0f} KiB "
-             f"per token = {self.kv_per_row_per_device / GIB:.3f} GiB per row per device",
-             "  compiled (generate prefill / decode), GiB per device: "
-             + "; ".join(f"{m.rows_per_device} row{'s' if m.rows_per_device > 1 else ''}/device: prefill "
-                         f"{m.prefill.total / GIB:.2f}, decode {m.decode.total / GIB:.2f}" for m in self.measures)]
+             f"mesh {d}x{f}x{t}, rows over data×fsdp; budget {_size(self.budget_bytes)} per device):",
+             f"  params {_size(self.params_per_device)} per device; KV cache {_size(self.kv_per_token)} per token = "
+             f"{_size(self.kv_per_row_per_device)} per row per device",
+             "  compiled (generate prefill / decode) per device: "
+             + "; ".join(f"{m.rows_per_device} row{'s' if m.rows_per_device > 1 else ''}: {_size(m.prefill.total)} / "
+                         f"{_size(m.decode.total)}" for m in self.measures)]
     if self.max_rows_per_device < 1:
-      lines.append(f"  one row per device does not fit the budget {self.budget_bytes / GIB:.1f} GiB: use more devices "
-                   "or a shorter context")
+      lines.append(f"  one row per device does not fit the budget {_size(self.budget_bytes)}: use more devices or a "
+                   "shorter context")
       return "\n".join(lines)
     lines.append(f"  largest batch: {self.max_rows_per_device} rows per device ({self.max_rows_per_device * (d * f)} "
-                 f"in all), fitted {self.fixed_bytes / GIB:.2f} GiB + {self.per_row_bytes / GIB:.3f} GiB per row"
-                 + (f"; checked: {self.checked.peak / GIB:.2f} GiB of {self.budget_bytes / GIB:.1f}"
-                    if self.checked else ""))
+                 f"in all; {_size(self.checked.peak)} per device, compiled), about {_size(self.fixed_bytes)} + "
+                 f"{_size(self.per_row_bytes)} per row")
     return "\n".join(lines)
 
 
@@ -158,7 +165,7 @@ def serve_mesh(num_devices: int) -> tuple:
 
 def plan_serving(model_config, devices: Sequence[Any], budget_bytes: float, *, context: int = 4096,
                  max_new: int = 512, mesh: Optional[tuple] = None, max_rows: int = 1024,
-                 max_checks: int = 4, log=None) -> ServePlan:
+                 max_checks: int = 6, log=None) -> ServePlan:
   """Most rows per device whose prefill and decode fit `budget_bytes` at `context` tokens per row (see module)."""
   from llava_jax import parallel
   from llava_jax.scale.memory import _bytes_per_device
@@ -177,8 +184,8 @@ def plan_serving(model_config, devices: Sequence[Any], budget_bytes: float, *, c
     out = ServeMeasure(rows, PhaseMemory.of(prefill.compiled), PhaseMemory.of(decode.compiled),
                        time.perf_counter() - t0)
     if log is not None:
-      log(f"  serve {rows} row(s)/device: prefill {out.prefill.total / GIB:.2f} GiB, decode "
-          f"{out.decode.total / GIB:.2f} GiB ({out.seconds:.0f} s)")
+      log(f"  [{rows} row{'s' if rows > 1 else ''} per device] prefill {_size(out.prefill.total)}, decode "
+          f"{_size(out.decode.total)} ({out.seconds:.0f} s)")
     return out
 
   params = _bytes_per_device(abstract_params(model_config, m))
@@ -188,24 +195,27 @@ def plan_serving(model_config, devices: Sequence[Any], budget_bytes: float, *, c
   one, two = plan.measures
   plan.per_row_bytes = max(1.0, float(two.peak - one.peak))
   plan.fixed_bytes = float(one.peak) - plan.per_row_bytes
-  # search: secant through the largest fitting point and the last measured one, within (fits, fails)
-  for _ in range(int(max_checks)):
+  # search between the largest batch that fits and the smallest that does not: a secant step (through the
+  # largest fitting point and the nearest failing / fitting one) alternating with bisection once both are known,
+  # which keeps convex (faster than linear) growth from stalling the secant on one side
+  for i in range(int(max_checks)):
     fit = [x for x in plan.measures if x.peak <= budget_bytes]
     fail = [x for x in plan.measures if x.peak > budget_bytes]
     lo = max(fit, key=lambda x: x.rows_per_device, default=None)
-    hi = min((x.rows_per_device for x in fail), default=int(max_rows) + 1)
-    if lo is None or hi - lo.rows_per_device <= 1:
+    hi = min((x.rows_per_device for x in fail), default=None)
+    if lo is None or (hi is not None and hi - lo.rows_per_device <= 1) or lo.rows_per_device >= max_rows:
       break
-    rows_of = lambda x: x.rows_per_device
-    other = next((x for x in fail if x.rows_per_device == hi), None) or max(
-        (x for x in fit if x is not lo), key=rows_of, default=None)
-    slope = plan.per_row_bytes if other is None else (other.peak - lo.peak) / (other.rows_per_device - lo.rows_per_device)
-    slope = slope if slope > 0 else plan.per_row_bytes
-    guess = lo.rows_per_device + int((budget_bytes - lo.peak) // slope)
-    guess = min(guess, hi - 1)
-    if guess <= lo.rows_per_device:
-      break
-    plan.measures.append(run(guess))
+    if hi is not None and i % 2:
+      guess = (lo.rows_per_device + hi) // 2
+    else:
+      other = next((x for x in fail if x.rows_per_device == hi), None) or max(
+          (x for x in fit if x is not lo), key=lambda x: x.rows_per_device, default=None)
+      slope = plan.per_row_bytes if other is None else (
+          (other.peak - lo.peak) / (other.rows_per_device - lo.rows_per_device))
+      slope = slope if slope > 0 else plan.per_row_bytes
+      guess = lo.rows_per_device + int((budget_bytes - lo.peak) // slope)
+    top = int(max_rows) if hi is None else hi - 1
+    plan.measures.append(run(max(lo.rows_per_device + 1, min(guess, top))))  # always inside (fits, fails)
   fit = [x for x in plan.measures if x.peak <= budget_bytes]
   plan.checked = max(fit, key=lambda x: x.rows_per_device, default=None)
   plan.max_rows_per_device = plan.checked.rows_per_device if plan.checked else 0
@@ -227,7 +237,7 @@ def _from_dict(d: dict) -> ServePlan:
 
 def plan_serving_process(config, num_devices: int, budget_bytes: float, *, backend: str,
                          tpu_topology: Optional[str] = None, context: int = 4096, max_new: int = 512,
-                         log=None) -> ServePlan:
+                         max_rows: int = 1024, log=None) -> ServePlan:
   """`plan_serving` for the recipe ConfigDict `config` in a child process holding the topology's devices
   (`num_devices` simulated CPU devices, or libtpu's devices of `tpu_topology`). Raises RuntimeError when the
   child fails."""
@@ -236,7 +246,8 @@ def plan_serving_process(config, num_devices: int, budget_bytes: float, *, backe
   import sys
   from llava_jax.scale.memory import child_env
   setup = dict(config=config.to_dict(), num_devices=int(num_devices), budget_bytes=float(budget_bytes),
-               backend=backend, tpu_topology=tpu_topology, context=int(context), max_new=int(max_new))
+               backend=backend, tpu_topology=tpu_topology, context=int(context), max_new=int(max_new),
+               max_rows=int(max_rows))
   proc = subprocess.Popen([sys.executable, "-m", "llava_jax.scale.serve"], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=child_env(num_devices, backend))
@@ -268,7 +279,7 @@ def _serve_main() -> None:
   devices = tpu_devices(setup["tpu_topology"]) if setup["backend"] == "tpu" else jax.devices("cpu")
   devices = devices[:setup["num_devices"]]
   plan = plan_serving(recipes.llava_config(config.model), devices, setup["budget_bytes"], context=setup["context"],
-                      max_new=setup["max_new"], log=lambda s: print(s, flush=True))
+                      max_new=setup["max_new"], max_rows=setup.get("max_rows", 1024), log=lambda s: print(s, flush=True))
   print(json.dumps(dataclasses.asdict(plan)), flush=True)
 
 
