@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple, Union
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "chunked")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "chunked", "splash")
 PROJECTOR_TYPES_DOC = "'linear', 'mlp2x_gelu', 'mlp3x_gelu', ... ('mlp{N}x_gelu' generally)"
 
 
@@ -29,7 +29,11 @@ class RuntimeOptions:
   remat_policy: one of REMAT_POLICIES; 'none' disables `nn.remat`.
   attention_impl: 'xla' (einsum + float32 softmax), 'dot_product' (`jax.nn.dot_product_attention`, XLA),
     'cudnn' (`jax.nn.dot_product_attention(implementation='cudnn')`, flash attention on GPU), 'chunked' ('xla'
-    over blocks of queries, rematerialized: memory O(T·block) instead of O(T²), any backend).
+    over blocks of queries, rematerialized: memory O(T·block) instead of O(T²), any backend), 'splash' (jax's
+    Pallas TPU splash-attention kernel, `models/splash.py`: causal + segment-id masking in the kernel, no
+    [T, T] mask or scores, sharded with `shard_map` under a mesh; interpret mode, exact but slow, when the
+    target is not a TPU). 'splash' covers the LLaMA decoder without a KV cache (training, `__call__`); the
+    KV-cache path (`extend`: prefill and decode) and CLIP's unmasked encoder attention use 'xla' for it.
   """
   dtype: str = "float32"
   param_dtype: str = "float32"

@@ -46,7 +46,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
 
   q [B, T, H, hd], k/v [B, S, Hkv, hd] (Hkv divides H: grouped-query attention), bias [B, 1, T, S] float32
   additive (0 or a large negative) or None; mask [B, 1, T, S] bool (for the `jax.nn` kernels). Returns
-  [B, T, H, hd] in q's dtype. Scale is hd^-0.5.
+  [B, T, H, hd] in q's dtype. Scale is hd^-0.5. 'splash' is the 'xla' path here (CLIP's unmasked encoder; the
+  decoder calls the splash kernel through `llama.attend` with segment ids).
   """
   if impl in ("dot_product", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "dot_product" else "cudnn")

@@ -35,7 +35,7 @@ import flax.struct
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import RopeScaling, RuntimeOptions, TextConfig
-from llava_jax.models import common
+from llava_jax.models import common, splash
 
 _EMBED_AXES = ("batch", "length", "act_embed")
 _INIT = nn.initializers.normal(0.02)  # HF LlamaConfig.initializer_range
@@ -170,7 +170,8 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
   """Self-attention with RoPE and grouped-query heads: x [B, T, D] → [B, T, D].
 
-  q/k/v kernels are flat [D, heads * hd] (head h = columns h*hd:(h+1)*hd, as HF). `mask` [B, 1, T, S] bool.
+  q/k/v kernels are flat [D, heads * hd] (head h = columns h*hd:(h+1)*hd, as HF). `mask` [B, 1, T, S] bool,
+  or with attention_impl 'splash' (and no cache) the segment ids [B, T] the kernel masks by.
   With `kv = (k_cache, v_cache)` [L, B, Hkv, S, hd] (the whole cache) and `layer` (this layer's index), the new
   k/v are written in place at [layer, :, :, kv_index : kv_index + T], attention runs over that layer's cache,
   and the call returns `(out, (k_cache, v_cache))`.
@@ -216,8 +217,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str)
   """Attention kernel: q [B, T, H, hd], k/v [B, S, Hkv, hd], mask [B, 1, T, S] bool → [B, T, H, hd].
 
   'xla' uses a float32 additive bias (finite, so fully masked padding rows stay NaN-free); the `jax.nn`
-  kernels ('dot_product', 'cudnn') take the bool mask directly.
+  kernels ('dot_product', 'cudnn') take the bool mask directly. 'splash' (self-attention, S = T) takes the
+  segment ids [B, T] in place of the mask and applies the causal + segment rule itself (`models/splash.py`).
   """
+  if impl == "splash":
+    if mask.ndim != 2:
+      raise ValueError(f"attention_impl='splash' takes segment ids [B, T] in place of the mask, got {mask.shape}")
+    return splash.splash_attention(q, k, v, mask)
   if impl == "xla":
     return common.attention(q, k, v, common.mask_to_bias(mask), impl="xla")
   if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -232,8 +238,11 @@ def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, imp
   'xla' contracts against the cache in its own layout (batch dims B, Hkv leading), float32 softmax and additive
   bias exactly as `common.attention`; only q and the output are transposed, which are T rows, not S. The other
   kernels ('dot_product', 'cudnn' → 'dot_product': cudnn's flash kernel wants long queries; 'chunked') take the
-  slot-major [B, S, Hkv, hd] view.
+  slot-major [B, S, Hkv, hd] view. 'splash' uses 'xla' here: the kernel is for causal self-attention over
+  segment ids, not for T new queries against a cache (decode has T = 1, where a flash kernel gains nothing).
   """
+  if impl == "splash":
+    impl = "xla"
   if impl != "xla":
     impl = "dot_product" if impl == "cudnn" else impl
     return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, impl)
@@ -264,9 +273,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-  """One block: (carry, cos, sin [B, T, hd], mask [B, 1, T, S], kv_index, layer) → (carry, None) (scan's
-  (carry, y)). Without a cache (`layer` None) the carry is x [B, T, D]; with one it is (x, (k, v)), the whole
-  cache [L, B, Hkv, S, hd], which this block (number `layer`) updates in place."""
+  """One block: (carry, cos, sin [B, T, hd], mask [B, 1, T, S] (segment ids [B, T] for 'splash' without a
+  cache), kv_index, layer) → (carry, None) (scan's (carry, y)). Without a cache (`layer` None) the carry is
+  x [B, T, D]; with one it is (x, (k, v)), the whole cache [L, B, Hkv, S, hd], which this block (number
+  `layer`) updates in place."""
   config: TextConfig
   runtime: RuntimeOptions
 
@@ -340,7 +350,8 @@ class LlamaForCausalLM(nn.Module):
 
     x = nn.with_logical_constraint(inputs_embeds.astype(rt.jnp_dtype), _EMBED_AXES)
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
-    mask = segment_causal_mask(segment_ids)
+    # 'splash' masks by segment ids inside the kernel: no [B, 1, T, T] mask is built
+    mask = segment_ids if rt.attention_impl == "splash" else segment_causal_mask(segment_ids)
     if rt.scan_layers:
       x, _ = self.layers(x, cos, sin, mask, None, None)  # layer None: no cache
     else:
