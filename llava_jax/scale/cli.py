@@ -47,11 +47,10 @@ def run_plan(config, plan_config, config_path: str, out=print) -> int:
     out(f"planning {config_path} on {topo.name}: compiling the train step on {where} "
         "(seconds to minutes per candidate)")
     result = plan(config, topo, recipe=config_path, mfu=float(plan_config.mfu), headroom=float(plan_config.headroom),
-                  backend=backend, temp_factor=float(plan_config.temp_factor) or None,
+                  backend=plan_config.backend, temp_factor=float(plan_config.temp_factor) or None,
                   explore=bool(plan_config.explore), max_trials=int(plan_config.max_trials),
                   mean_tokens=int(plan_config.mean_tokens) or None, samples=int(plan_config.samples) or None,
                   log=out)
-    result.backend_note = note
     out("")
     out(result.render())
     code = 0 if result.fits else 3

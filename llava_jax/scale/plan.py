@@ -159,7 +159,7 @@ def resolve_backend(topology: Topology, backend: str = "auto") -> Tuple[str, str
   if backend == "cpu" or topology.platform != "tpu":
     if backend == "tpu":
       raise ValueError(f"backend='tpu' needs a TPU topology, not {topology.name!r}")
-    return "cpu", ("--plan.backend=cpu" if topology.platform == "tpu" else "")
+    return "cpu", ("asked for with --plan.backend=cpu" if topology.platform == "tpu" else "")
   if topology.tpu_topology() is None:
     if backend == "tpu":
       raise ValueError(f"backend='tpu' needs a TPU topology with a known libtpu shape, not {topology.name!r}")

@@ -279,7 +279,8 @@ def _serve_main() -> None:
   devices = tpu_devices(setup["tpu_topology"]) if setup["backend"] == "tpu" else jax.devices("cpu")
   devices = devices[:setup["num_devices"]]
   plan = plan_serving(recipes.llava_config(config.model), devices, setup["budget_bytes"], context=setup["context"],
-                      max_new=setup["max_new"], max_rows=setup.get("max_rows", 1024), log=lambda s: print(s, flush=True))
+                      max_new=setup["max_new"], max_rows=setup.get("max_rows", 1024),
+                      log=lambda s: print(s, flush=True))
   print(json.dumps(dataclasses.asdict(plan)), flush=True)
 
 

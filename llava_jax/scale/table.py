@@ -98,21 +98,23 @@ def train_row(recipe: Recipe, slice_name: str, mfu: float) -> dict:
                  free=1.0 - best.total / p.topology.chip.memory_bytes)
   if p.chosen is not None:
     row.update(step_seconds=p.chosen.step_seconds, hours=p.wall_clock_hours(),
-               packed_hours=p.packed_wall_clock_hours(recipe.mean_tokens), packed_steps=p.packed_steps(recipe.mean_tokens),
+               packed_hours=p.packed_wall_clock_hours(recipe.mean_tokens),
+               packed_steps=p.packed_steps(recipe.mean_tokens),
                steps=p.steps, mesh=list(p.chosen.candidate.mesh))
   return row
 
 
 def serve_row(config_path: str, label: str, slice_name: str, context: int) -> dict:
-  from llava_jax.scale.hardware import get_topology
-  from llava_jax.scale.serve import kv_bytes_per_token, plan_serving_process
   from llava_jax import recipes
+  from llava_jax.scale.hardware import get_topology
+  from llava_jax.scale.plan import DEFAULT_HEADROOM
+  from llava_jax.scale.serve import kv_bytes_per_token, plan_serving_process
   topo = get_topology(slice_name)
   config = load_config(config_path)
   config.model.runtime.param_dtype = "bfloat16"  # served weights in bf16
   config.model.runtime.attention_impl = "chunked"  # prefill of a 4k prompt without [B, H, T, T] scores
   t0 = time.time()
-  sp = plan_serving_process(config, topo.num_devices, topo.chip.memory_bytes * 0.9, backend="tpu",
+  sp = plan_serving_process(config, topo.num_devices, topo.chip.memory_bytes * (1 - DEFAULT_HEADROOM), backend="tpu",
                             tpu_topology=topo.tpu_topology(), context=context, log=lambda s: print(s, flush=True))
   model_config = recipes.llava_config(config.model)
   return dict(kind="serve", recipe=config_path, label=label, slice=slice_name, devices=topo.num_devices,
@@ -144,12 +146,14 @@ def render(rows: List[dict]) -> str:
       lines.append(f"| {r['label']} | {where} | **nothing fits**{best} | | | | | |")
     else:
       lines.append(f"| {r['label']} | {where} | {r['changes']} | {r['total'] / GIB:.1f} ({r['state'] / GIB:.1f} + "
-                   f"{r['temporaries'] / GIB:.1f}) | {r['free']:.0%} | {r['step_seconds']:.2f} | {_hours(r['hours'])} | "
+                   f"{r['temporaries'] / GIB:.1f}) | {r['free']:.0%} | {r['step_seconds']:.2f} | "
+                   f"{_hours(r['hours'])} | "
                    f"{_hours(r['packed_hours'])} ({r['mean_tokens']}) |")
   serve = [r for r in rows if r["kind"] == "serve"]
   if serve:
     lines += ["", "| model (bf16 weights) | slice (chips) | params GiB / chip | KV cache per 4k row | largest batch at "
-              f"{serve[0]['context']} tokens: rows / chip (in all) | GiB / chip at that batch |", "|---|---|---|---|---|---|"]
+              f"{serve[0]['context']} tokens: rows / chip (in all) | GiB / chip at that batch |",
+              "|---|---|---|---|---|---|"]
     for r in serve:
       topo = get_topology(r["slice"])
       lines.append(f"| {r['label']} | {r['slice']} ({r['devices']} × {topo.chip.name}) | {r['params'] / GIB:.2f} | "

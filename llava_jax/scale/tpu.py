@@ -44,8 +44,9 @@ def tpu_devices(topology: str):
 
 def tiled_bytes(shape: Sequence[int], dtype, layout) -> int:
   """Bytes of one buffer of `shape` stored in `layout` (a `jax.experimental.layout.Layout` with
-  `major_to_minor` and `tiling`; None for a pruned argument: 0 bytes): the dimensions, in physical (major → minor) order, rounded up to the first
-  (outer) tile on the minor-most ones. Later tiles only subdivide that one (sub-word packing)."""
+  `major_to_minor` and `tiling`; None for a pruned argument: 0 bytes): the dimensions, in physical
+  (major → minor) order, rounded up to the first (outer) tile on the minor-most ones. Later tiles only
+  subdivide that one (sub-word packing)."""
   import numpy as np
   if layout is None:  # an argument the compiled program does not use (pruned): no buffer
     return 0

@@ -13,7 +13,7 @@ from llava_jax.config import ATTENTION_IMPLS
 from llava_jax.scale import tpu as tpu_lib
 
 pytestmark = pytest.mark.skipif(not tpu_lib.libtpu_available(),
-                                reason="libtpu is not installed (pip install -e '.[dev]' pins the version jax[tpu] pins)")
+                                reason="libtpu is not installed (pip install -e '.[dev]': the version jax[tpu] pins)")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOPOLOGY = "v5e:2x2"
