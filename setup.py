@@ -41,6 +41,10 @@ EXTRAS = {
         "tensorflow-datasets",
         "array_record",
         "tensorflow-cpu",
+        # the real TPU compiler without TPUs (--mode=plan on TPU topologies, tests/scale), pinned as jax[tpu] 0.10.2
+        # pins it. After upgrading jax, its pin is in jax's metadata: python -c "import importlib.metadata as m;
+        # print([r for r in m.requires('jax') if 'libtpu' in r])"
+        "libtpu==0.0.42.*",
     ],
     "gcs": ["gcsfs"],  # gs:// workdirs through etils.epath's fsspec backend (without TensorFlow)
     "torch": ["torch==2.13.0"],  # only to read legacy pickle `.bin` checkpoints

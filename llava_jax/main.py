@@ -72,6 +72,29 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("workdir", name)
 
 
+def skip_absent_tpu() -> None:
+  """CPU only when nothing but libtpu could claim an accelerator and no TPU is attached.
+
+  With libtpu installed (the dev extra: TPU compiles for --mode=plan) jax tries its TPU backend on any machine,
+  and on one without TPUs libtpu logs an alarming (harmless) `INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES` error
+  before jax falls back to CPU. jax already skips CUDA when no GPU is visible; this does the same for TPU when
+  JAX_PLATFORMS is unset and no other PJRT plugin (CUDA, ROCm, ...) is installed.
+  """
+  if "JAX_PLATFORMS" in os.environ or os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
+    return
+  import importlib.metadata
+  import importlib.util
+  if (importlib.util.find_spec("libtpu") is None or importlib.util.find_spec("jax_plugins") is not None
+      or importlib.metadata.entry_points(group="jax_plugins")):
+    return
+  from jax._src import hardware_utils, xla_bridge
+  if xla_bridge.backends_are_initialized() or hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    return
+  import jax
+  os.environ["JAX_PLATFORMS"] = "cpu"  # child processes (data workers) too
+  jax.config.update("jax_platforms", "cpu")
+
+
 def maybe_initialize_distributed() -> None:
   """jax.distributed for multi-host runs: explicit flags, or auto-detection on TPU pods and SLURM."""
   import jax
@@ -107,6 +130,7 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; --verbosity=0 shows it
+  skip_absent_tpu()
   maybe_initialize_distributed()
   workdir = _path(_WORKDIR) or default_workdir(flags.FLAGS["config"].config_filename)
   mode = _MODE.value

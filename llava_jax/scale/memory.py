@@ -15,10 +15,11 @@ are not. Two corrections make the CPU's numbers closer to GPU/TPU ones:
     copy of all saved residuals next to the bf16 ones (+3× their size). GPU/TPU compilers do not. We disable
     the two passes (`CPU_COMPILER_OPTIONS`) on simulated devices (and LLVM optimization, which changes no
     buffer: the code is never run).
-  * attention_impl 'cudnn' (GPU flash attention) cannot compile for CPU: 'chunked' is compiled instead (exact,
-    its memory is an upper bound of flash attention's).
-With `backend='tpu'` and `libtpu` installed, the step is compiled by the real TPU compiler for a TPU topology
-without TPUs (`jax.experimental.topologies`), which gives the TPU's own numbers (minutes per compile on a CPU).
+  * attention_impl 'cudnn' (GPU flash attention) and 'splash' (the TPU Pallas kernel) cannot compile for CPU:
+    'chunked' is compiled instead (exact, its memory is an upper bound of flash attention's).
+With `libtpu` installed, the step is compiled by the real TPU compiler for a TPU topology without TPUs
+(`llava_jax.scale.tpu`), which gives the TPU's own numbers (minutes per 7B compile on a CPU); `plan` does that
+by default for TPU topologies.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import time
 from typing import Any, List, Optional, Sequence, Tuple
+
+from llava_jax.scale.tpu import tpu_devices
 
 CPU_COMPILER_OPTIONS = {
     "xla_disable_hlo_passes": "while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion",
@@ -135,6 +138,43 @@ def abstract_batch(model_config, mesh, global_batch: int, seq_len: int, image_sl
 # One measurement (in this process, on devices it already has)
 
 
+def _step_config(config, candidate: Candidate, backend: str):
+  from llava_jax import recipes
+  attention = candidate.attention_impl
+  if backend == "cpu" and attention in ("cudnn", "splash"):  # GPU / TPU-only kernels: 'chunked' in their place
+    attention = "chunked"
+  model_config = recipes.llava_config(config.model).with_runtime(
+      remat_policy=candidate.remat_policy, attention_impl=attention, param_dtype=candidate.param_dtype)
+  return model_config, attention
+
+
+def compile_step(config, candidate: Candidate, devices: Sequence[Any], *, total_steps: int = 1000,
+                 seq_len: Optional[int] = None, image_slots: Optional[int] = None):
+  """Lower and compile the recipe's train step for `candidate` on `devices` with abstract inputs.
+
+  Returns (compiled, state, batch): the `jax.stages.Compiled` and the abstract TrainState and batch it was
+  lowered with (ShapeDtypeStructs with their NamedShardings). Raises what the compiler raises.
+  """
+  from llava_jax import parallel
+  from llava_jax.train.optim import optimizer_from_config
+  from llava_jax.train.state import abstract_train_state
+  from llava_jax.train.step import make_train_step
+
+  backend = devices[0].platform
+  model_config, _ = _step_config(config, candidate, backend)
+  tcfg = config.train
+  freeze = tcfg.get("freeze", r"vision_tower/.*") or None
+  mesh = parallel.make_mesh(candidate.mesh, devices=list(devices))
+  optimizer = optimizer_from_config(tcfg, total_steps)
+  state = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=tcfg.trainable, freeze=freeze)
+  batch = abstract_batch(model_config, mesh, int(tcfg.global_batch_size), int(seq_len or config.data.max_length),
+                         image_slots)
+  step = make_train_step(model_config, optimizer, mesh, micro_batches=candidate.micro_batches,
+                         chunked_loss=int(candidate.chunked_loss),
+                         compiler_options=CPU_COMPILER_OPTIONS if backend == "cpu" else None)
+  return step.lower(state, batch).compile(), state, batch
+
+
 def measure(config, candidate: Candidate, devices: Sequence[Any], *, total_steps: int = 1000,
             seq_len: Optional[int] = None, image_slots: Optional[int] = None) -> MemoryReport:
   """Compile the recipe's train step for `candidate` on `devices` (abstract inputs) → MemoryReport.
@@ -142,31 +182,13 @@ def measure(config, candidate: Candidate, devices: Sequence[Any], *, total_steps
   config: the recipe ConfigDict (model, train, data sections); seq_len defaults to data.max_length, image_slots
   to one per row. Compile errors (e.g. a shape the mesh cannot split) come back in `error`, not raised.
   """
-  from llava_jax import parallel, recipes
-  from llava_jax.train.optim import optimizer_from_config
-  from llava_jax.train.state import abstract_train_state
-  from llava_jax.train.step import make_train_step
-
   backend = devices[0].platform
-  attention = candidate.attention_impl
-  if backend == "cpu" and attention == "cudnn":
-    attention = "chunked"
-  model_config = recipes.llava_config(config.model).with_runtime(
-      remat_policy=candidate.remat_policy, attention_impl=attention, param_dtype=candidate.param_dtype)
-  tcfg = config.train
-  freeze = tcfg.get("freeze", r"vision_tower/.*") or None
+  _, attention = _step_config(config, candidate, backend)
   t0 = time.perf_counter()
   empty = MemoryReport(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, backend, attention)
   try:
-    mesh = parallel.make_mesh(candidate.mesh, devices=list(devices))
-    optimizer = optimizer_from_config(tcfg, total_steps)
-    state = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=tcfg.trainable, freeze=freeze)
-    batch = abstract_batch(model_config, mesh, int(tcfg.global_batch_size), int(seq_len or config.data.max_length),
-                           image_slots)
-    step = make_train_step(model_config, optimizer, mesh, micro_batches=candidate.micro_batches,
-                           chunked_loss=int(candidate.chunked_loss),
-                           compiler_options=CPU_COMPILER_OPTIONS if backend == "cpu" else None)
-    compiled = step.lower(state, batch).compile()
+    compiled, state, batch = compile_step(config, candidate, devices, total_steps=total_steps, seq_len=seq_len,
+                                          image_slots=image_slots)
   except Exception as e:  # noqa: BLE001 — reported per candidate
     empty.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
     empty.compile_seconds = time.perf_counter() - t0
@@ -181,14 +203,23 @@ def measure(config, candidate: Candidate, devices: Sequence[Any], *, total_steps
       compile_seconds=time.perf_counter() - t0, backend=backend, compiled_attention=attention)
 
 
-def tpu_devices(topology: str):
-  """Devices of a TPU topology ('v5p:2x4x4') for a deviceless compile (needs libtpu; no TPU required)."""
-  from jax.experimental import topologies
-  return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-
-
 # ---------------------------------------------------------------------------------------------------------
 # In a child process with the right device count
+
+
+def child_env(num_devices: int, backend: str) -> dict:
+  """Environment of a measuring child process: `num_devices` simulated CPU devices (backend 'cpu'; TPU compiles
+  get their devices from libtpu), no backend but CPU, this checkout first on the path."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  if backend == "cpu":
+    flags.append(f"--xla_force_host_platform_device_count={int(num_devices)}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  env.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  return env
 
 
 class MeasureProcess:
@@ -199,16 +230,7 @@ class MeasureProcess:
   def __init__(self, config, num_devices: int, *, backend: str = "cpu", tpu_topology: Optional[str] = None,
                total_steps: int = 1000, seq_len: Optional[int] = None, image_slots: Optional[int] = None):
     self.backend = backend
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    if backend == "cpu":
-      flags.append(f"--xla_force_host_platform_device_count={int(num_devices)}")
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    env.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env(num_devices, backend)
     self._stderr = open(os.devnull, "w") if os.environ.get("LLAVA_JAX_PLAN_QUIET", "1") == "1" else None
     self._proc = subprocess.Popen([sys.executable, "-m", "llava_jax.scale.memory"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+from llava_jax.config import ATTENTION_IMPLS
 from llava_jax.scale import flops as flops_lib
+from llava_jax.scale import tpu as tpu_lib
 from llava_jax.scale.hardware import GIB, Topology, get_topology
 from llava_jax.scale.memory import Candidate, MeasureProcess, MemoryReport, measure
 
@@ -74,6 +76,8 @@ class Plan:
   mean_tokens: Optional[int] = None
   published_hours: Optional[float] = None
   problem: str = ""
+  epochs: float = 1.0
+  backend_note: str = ""     # why the simulated-CPU fallback was used for a TPU topology
   flops_fn: Optional[Callable] = dataclasses.field(default=None, repr=False)
 
   @property
@@ -91,6 +95,21 @@ class Plan:
     t = seq_len or self.seq_len
     f = self._flops(self.chosen.candidate, t)
     return self.steps * flops_lib.step_seconds(f, self.topology.peak_flops, self.mfu) / 3600.0
+
+  def packed_steps(self, mean_tokens: int) -> Optional[int]:
+    """Steps when samples of `mean_tokens` tokens on average are packed into rows of seq_len tokens
+    (data.packing; perfect packing: rows per step stay the global batch, samples per row = seq_len / mean)."""
+    if not self.samples or not mean_tokens:
+      return None
+    return max(1, math.ceil(self.epochs * self.samples * min(mean_tokens, self.seq_len) / self.seq_len
+                            / self.global_batch))
+
+  def packed_wall_clock_hours(self, mean_tokens: int) -> Optional[float]:
+    """Projected hours with packed rows (`packed_steps` × the full-length step time)."""
+    steps = self.packed_steps(mean_tokens)
+    if self.chosen is None or steps is None:
+      return None
+    return steps * self.chosen.step_seconds / 3600.0
 
   def _flops(self, c: Candidate, seq_len: int) -> flops_lib.StepFlops:
     return self.flops_fn(c, seq_len)
@@ -132,12 +151,41 @@ def resolve_mesh(mesh, num_devices: int, global_batch: int, num_heads: int, num_
   return (d, f, t)
 
 
+def resolve_backend(topology: Topology, backend: str = "auto") -> Tuple[str, str]:
+  """'auto' | 'tpu' | 'cpu' → (the backend to compile with, why a TPU topology falls back to simulated CPU
+  devices or ''). 'auto': the TPU compiler for TPU topologies when libtpu is importable, else simulated CPU."""
+  if backend not in ("auto", "cpu", "tpu"):
+    raise ValueError(f"backend={backend!r}: 'auto', 'cpu' (simulated devices) or 'tpu' (libtpu deviceless compile)")
+  if backend == "cpu" or topology.platform != "tpu":
+    if backend == "tpu":
+      raise ValueError(f"backend='tpu' needs a TPU topology, not {topology.name!r}")
+    return "cpu", ("asked for with --plan.backend=cpu" if topology.platform == "tpu" else "")
+  if topology.tpu_topology() is None:
+    if backend == "tpu":
+      raise ValueError(f"backend='tpu' needs a TPU topology with a known libtpu shape, not {topology.name!r}")
+    return "cpu", f"no libtpu topology shape known for {topology.name}"
+  if not tpu_lib.libtpu_available():
+    if backend == "tpu":
+      raise ValueError("backend='tpu' needs libtpu: pip install -e '.[dev]' (or the libtpu version jax[tpu] pins)")
+    return "cpu", "libtpu is not installed (pip install -e '.[dev]')"
+  return "tpu", ""
+
+
+def fast_attention(platform: str, compute_dtype: str) -> str:
+  """The memory-saving attention kernel the search tries: cuDNN flash attention on GPU (bf16 / fp16), the
+  Pallas splash kernel on TPU (when this build has it), else 'chunked'."""
+  if platform == "gpu" and compute_dtype in ("bfloat16", "float16"):
+    return "cudnn"
+  if platform == "tpu" and "splash" in ATTENTION_IMPLS:
+    return "splash"
+  return "chunked"
+
+
 def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str, rows_per_device: int) -> List[Candidate]:
   out = [base]
   cur = base
-  fast_attention = "cudnn" if topology.platform == "gpu" and compute_dtype in ("bfloat16", "float16") else "chunked"
-  if cur.attention_impl not in ("chunked", "cudnn"):
-    cur = dataclasses.replace(cur, attention_impl=fast_attention)
+  if cur.attention_impl not in ("chunked", "cudnn", "splash"):
+    cur = dataclasses.replace(cur, attention_impl=fast_attention(topology.platform, compute_dtype))
     out.append(cur)
   if not cur.chunked_loss:
     cur = dataclasses.replace(cur, chunked_loss=LOSS_CHUNK)
@@ -159,15 +207,16 @@ def _count(tree) -> int:
 
 
 def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float = DEFAULT_MFU,
-         headroom: float = DEFAULT_HEADROOM, backend: str = "cpu", temp_factor: Optional[float] = None,
+         headroom: float = DEFAULT_HEADROOM, backend: str = "auto", temp_factor: Optional[float] = None,
          explore: bool = False, max_trials: int = 10,
          mean_tokens: Optional[int] = None, samples: Optional[int] = None, devices: Optional[Sequence] = None,
          log: Optional[Callable[[str], None]] = None) -> Plan:
   """Plan `config` (a recipe ConfigDict: model, train, data, mesh sections) on `topology` (name or Topology).
 
-  recipe: the config's name ('v15_stage2:7b') for the report and the published-numbers lookup. backend 'cpu'
-  compiles on simulated CPU devices, 'tpu' with libtpu's deviceless compiler (TPU topologies only). devices: use
-  these (already present) devices instead of a child process (e.g. a test session's 8 CPU devices). samples:
+  recipe: the config's name ('v15_stage2:7b') for the report and the published-numbers lookup. backend 'auto'
+  (`resolve_backend`): libtpu's deviceless TPU compiler for TPU topologies when libtpu is importable, else
+  simulated CPU devices (GPU topologies always); 'cpu' / 'tpu' force one. devices: use these (already present)
+  devices instead of a child process (a test session's 8 CPU devices, or `tpu.tpu_devices('v5e:2x2')`). samples:
   data-set size for the wall clock (default: the recipe's published data set, or data.synthetic_samples).
   mean_tokens: also project the wall clock at this many tokens per row (default: rows padded to max_length).
   temp_factor: scale of the measured temporaries (default CPU_TEMP_FACTOR on simulated CPU devices, 1 with the
@@ -184,16 +233,13 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
     raise ValueError(f"headroom={headroom} must be in [0, 1)")
   if not 0 < mfu <= 1:
     raise ValueError(f"mfu={mfu} must be in (0, 1]")
+  if devices is not None:
+    backend, note = devices[0].platform, ""
+  else:
+    backend, note = resolve_backend(topo, backend)
   if temp_factor is None:
-    on_cpu = devices[0].platform == "cpu" if devices is not None else backend == "cpu"
-    temp_factor = CPU_TEMP_FACTOR if on_cpu else 1.0
-  if backend not in ("cpu", "tpu"):
-    raise ValueError(f"backend={backend!r}: 'cpu' (simulated devices) or 'tpu' (libtpu deviceless compile)")
-  tpu_topology = None
-  if backend == "tpu":
-    tpu_topology = topo.tpu_topology()
-    if tpu_topology is None:
-      raise ValueError(f"backend='tpu' needs a TPU topology with a known libtpu shape, not {topo.name!r}")
+    temp_factor = CPU_TEMP_FACTOR if backend == "cpu" else 1.0
+  tpu_topology = topo.tpu_topology() if backend == "tpu" and devices is None else None
   model_config = recipes.llava_config(config.model)
   tcfg = config.train
   n = topo.num_devices
@@ -225,7 +271,8 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   n_samples = samples or n_samples
   steps = (flops_lib.total_steps(n_samples, gb, float(tcfg.num_epochs), int(tcfg.num_steps))
            if (n_samples or int(tcfg.num_steps) > 0) else None)
-  result = Plan(recipe=recipe, topology=topo, backend=backend, headroom=headroom, mfu=mfu,
+  result = Plan(recipe=recipe, topology=topo, backend=backend, backend_note=note, headroom=headroom, mfu=mfu,
+                epochs=float(tcfg.num_epochs),
                 temp_factor=float(temp_factor), global_batch=gb,
                 seq_len=seq_len, images=images, rows_per_device=gb // shards if gb % shards == 0 else 0,
                 trainable_params=_count(trainable), frozen_params=_count(frozen), trials=[], chosen=None,
@@ -295,7 +342,9 @@ def render(p: Plan) -> str:
            f"  memory budget per device: {_gib(p.budget_bytes)} GiB ({_gib(chip.memory_bytes)} GiB − "
            f"{p.headroom:.0%} headroom); compiled on "
            + (f"simulated CPU devices, temporaries ×{p.temp_factor:g} (calibrated on the TPU compiler, "
-              "docs/scaling.md)" if p.backend == "cpu" else "libtpu's TPU compiler (deviceless)")]
+              "docs/scaling.md)" if p.backend == "cpu" else "libtpu's TPU compiler (deviceless)")
+           + (f"\n  FALLBACK: simulated CPU devices instead of the TPU compiler ({p.backend_note})"
+              if p.backend_note else "")]
   if p.problem:
     lines.append(f"  PROBLEM: {p.problem}")
     return "\n".join(lines)
@@ -330,8 +379,9 @@ def render(p: Plan) -> str:
   free = 1.0 - p.chosen.total / chip.memory_bytes
   lines.append(f"  FITS: {c.label()}")
   lines.append(f"  {_gib(p.chosen.total)} GiB per device, {free:.0%} of {_gib(chip.memory_bytes)} GiB free.")
-  if c.attention_impl == "cudnn" and m.compiled_attention != "cudnn":
-    lines.append("  (attention measured with the 'chunked' kernel; cudnn flash attention needs no more memory)")
+  if c.attention_impl in ("cudnn", "splash") and m.compiled_attention != c.attention_impl:
+    lines.append(f"  (attention measured with the 'chunked' kernel; {c.attention_impl} flash attention needs no more "
+                 "memory)")
   lines.append("  Run it with:")
   lines.append(f"    python -m llava_jax.main --config={p.recipe or 'configs/<recipe>.py'} \\\n      "
                + " \\\n      ".join(c.overrides()))
@@ -350,6 +400,10 @@ def render(p: Plan) -> str:
                  f"padded to {p.seq_len} tokens (upper bound)")
     if p.mean_tokens:
       lines.append(f"          {_duration(p.wall_clock_hours(p.mean_tokens) * 3600)} at {p.mean_tokens} tokens per row")
+      if p.packed_steps(p.mean_tokens):
+        lines.append(f"          {_duration(p.packed_wall_clock_hours(p.mean_tokens) * 3600)} with packed rows "
+                     f"(data.packing=True: {p.seq_len / min(p.mean_tokens, p.seq_len):.1f} samples of "
+                     f"{p.mean_tokens} tokens per row → {p.packed_steps(p.mean_tokens):,} steps)")
     if p.published_hours:
       lines.append(f"          published (PyTorch + DeepSpeed, 8×A100): ≈{p.published_hours:g} h")
   return "\n".join(lines)

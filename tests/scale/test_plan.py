@@ -16,7 +16,7 @@ from llava_jax.scale.hardware import GIB
 from llava_jax.scale.plan import resolve_mesh
 from llava_jax.train import metrics as metrics_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(name, arg=None):
@@ -150,3 +150,25 @@ def test_cli_plan_mode():
   assert "on 8xA100-40G" in out.stdout and "FITS" in out.stdout and "MFU 50%" in out.stdout
   bad = subprocess.run(cmd[:-2], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "--plan.topology" in bad.stderr
+
+
+def test_backend_resolution(monkeypatch):
+  """'auto' compiles TPU slices with libtpu's TPU compiler when it is importable and falls back to simulated CPU
+  devices (saying why) otherwise; GPU topologies are always simulated; 'tpu' never falls back silently."""
+  from llava_jax.scale import tpu as tpu_lib
+  from llava_jax.scale.plan import resolve_backend
+  v5e, a100 = get_topology("v5e-8"), get_topology("8xA100-80G")
+  monkeypatch.setattr(tpu_lib, "libtpu_available", lambda: True)
+  assert resolve_backend(v5e) == ("tpu", "")
+  assert resolve_backend(v5e, "cpu") == ("cpu", "asked for with --plan.backend=cpu")
+  assert resolve_backend(a100) == ("cpu", "")
+  assert resolve_backend(get_topology("v5e-48")) == ("cpu", "no libtpu topology shape known for v5e-48")
+  monkeypatch.setattr(tpu_lib, "libtpu_available", lambda: False)
+  backend, note = resolve_backend(v5e)
+  assert backend == "cpu" and "libtpu is not installed" in note
+  with pytest.raises(ValueError, match="libtpu"):
+    resolve_backend(v5e, "tpu")
+  with pytest.raises(ValueError, match="TPU topology"):
+    resolve_backend(a100, "tpu")
+  with pytest.raises(ValueError, match="backend="):
+    resolve_backend(v5e, "gpu")
