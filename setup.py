@@ -29,7 +29,7 @@ EXTRAS = {
         "pytest>=8",
         "pytest-xdist",
         "torch==2.13.0",
-        "peft",          # the LoRA oracle (PeftModel); install with --no-deps (+ accelerate) to keep torch 2.13.0
+        "peft",          # the LoRA oracle (PeftModel); resolves with the pinned torch 2.13.0 CPU wheel
         "accelerate",
         "scikit-image",
         "selenium",      # drives the system Chromium for the chat-page test
