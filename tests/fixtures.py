@@ -1,4 +1,5 @@
 """Builders for test fixtures that need no downloads: tokenizer, tiny configs, real photos."""
+import importlib.util
 import os
 
 import numpy as np
@@ -14,6 +15,17 @@ TOKENIZER_CORPUS = [
     "The answer is A. There are three circles, a blue triangle and two green squares on the left.",
     "the quick brown fox jumps over the lazy dog 0123456789 ü é ñ 日本語 emoji",
 ]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg=None):
+  """`configs/<name>.py`'s `get_config(arg)` (its `get_config()` when arg is None)."""
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> str:

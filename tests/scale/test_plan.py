@@ -1,6 +1,5 @@
 """The memory / throughput plan: topologies, analytic FLOPs, the ahead-of-time compile of the real 7B stage-2
 step on 8 simulated devices, 'nothing fits', and `--mode=plan` on the command line."""
-import importlib.util
 import math
 import os
 import subprocess
@@ -15,15 +14,9 @@ from llava_jax.scale import flops as flops_lib
 from llava_jax.scale.hardware import GIB
 from llava_jax.scale.plan import resolve_mesh
 from llava_jax.train import metrics as metrics_lib
+from tests.fixtures import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def test_topologies():

@@ -1,7 +1,6 @@
 """The serving plan: KV cache per token, and the search for the largest batch that fits (on synthetic compiler
 numbers, so every branch is exercised in milliseconds; the real prefill / decode compiles are in
 test_tpu_compile.py and the command line below)."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,16 +12,10 @@ import pytest
 from llava_jax import recipes
 from llava_jax.scale import serve
 from llava_jax.scale import tpu as tpu_lib
+from tests.fixtures import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIB = 1 << 20
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def test_kv_bytes_per_token_by_hand():

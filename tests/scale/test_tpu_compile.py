@@ -1,8 +1,6 @@
 """The real TPU compiler on this CPU-only machine (libtpu's compile-only devices of a v5e 2x2 slice): the tiny
 recipe's train step and generate's prefill / decode compile for TPU, and memory_analysis() agrees with the
 bytes we compute from the shardings and the compiler's tiled layouts."""
-import importlib.util
-import os
 
 import jax
 import numpy as np
@@ -11,21 +9,14 @@ import pytest
 from llava_jax import parallel, recipes
 from llava_jax.config import ATTENTION_IMPLS
 from llava_jax.scale import tpu as tpu_lib
+from tests.fixtures import load_config
 
 pytestmark = pytest.mark.skipif(not tpu_lib.libtpu_available(),
                                 reason="libtpu is not installed (pip install -e '.[dev]': the version jax[tpu] pins)")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOPOLOGY = "v5e:2x2"
 # the TPU attention kernel: the Pallas splash kernel when this checkout has it, else XLA's
 TPU_ATTENTION = "splash" if "splash" in ATTENTION_IMPLS else "xla"
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,10 @@ import time
 import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
-from llava_jax import recipes
-from llava_jax.data import from_config as data_config
 from llava_jax.train import checkpointing, loop, progress as progress_lib
-from tests.train.test_loop import _checkpoint_steps, tiny_config
+from tests.train.test_loop import _checkpoint_steps, tiny_config, tokenizer_root  # noqa: F401 (fixture)
 
 SAVE_WAIT_S = 120  # upper bound for a background save to finish (a bound, not a timing assertion)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_root(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("tok"))
-  c = tiny_config()
-  data_config.build_tokenizer(c, recipes.llava_config(c.model), root)
-  return root
 
 
 def test_partial_saves_of_a_killed_run_are_removed_on_start(tmp_path):
