@@ -39,7 +39,10 @@ def tpu_devices(topology: str):
   import os
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
-  return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  # v4 (and other megacore chips) are listed per TensorCore, two per chip; jax builds meshes from one device per
+  # chip ("megacore" mode), which is how such a chip runs as one JAX device.
+  return [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
 
 
 def tiled_bytes(shape: Sequence[int], dtype, layout) -> int:

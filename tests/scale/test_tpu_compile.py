@@ -127,3 +127,12 @@ def test_plan_uses_the_tpu_compiler_and_splash(v5e_devices):
   assert resolve_backend(v5e) == ("tpu", "") and v5e.tpu_topology() == TOPOLOGY
   assert resolve_backend(get_topology("8xA100-80G")) == ("cpu", "")
   assert v5e.chip.memory_bytes == 16 * GIB
+
+
+def test_megacore_chips_give_one_device_per_chip_and_a_mesh():
+  """libtpu lists a v4 chip's two TensorCores as two devices; jax builds meshes from one per chip (megacore), so
+  `tpu_devices` keeps one per chip — v4-16 = 8 chips = 8 devices — and a mesh over them can be made."""
+  devices = tpu_lib.tpu_devices("v4:2x2x2")
+  assert len(devices) == 8 and len({tuple(d.coords) for d in devices}) == 8
+  mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+  assert mesh.devices.size == 8
