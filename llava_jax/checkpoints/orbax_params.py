@@ -10,13 +10,8 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-
-def _resolve(path) -> epath.Path:
-  """URLs (gs://...) as they are; local paths absolute (orbax needs absolute local paths)."""
-  p = epath.Path(path)
-  return p if "://" in os.fspath(p) else epath.Path(os.path.abspath(os.fspath(p)))
+from llava_jax.paths import resolve_dir
 
 
 def save_params(path, params: Any, *, force: bool = True) -> str:
@@ -25,7 +20,7 @@ def save_params(path, params: Any, *, force: bool = True) -> str:
 
   force: replace an existing checkpoint at `path`.
   """
-  path = _resolve(path)
+  path = resolve_dir(path)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, params, force=force)
     ckpt.wait_until_finished()
@@ -39,7 +34,7 @@ def restore_params(path, target_shardings: Optional[Any] = None) -> Any:
     `llava_jax.checkpoints.hf.param_shardings(config, mesh)`): each leaf is read straight onto its shards.
     None puts every leaf on the default device (whatever mesh it was saved from).
   """
-  path = _resolve(path)
+  path = resolve_dir(path)
   with ocp.StandardCheckpointer() as ckpt:
     meta = ckpt.metadata(path).item_metadata
     meta = getattr(meta, "tree", meta)  # TreeMetadata wraps the saved pytree
@@ -55,7 +50,7 @@ def restore_params(path, target_shardings: Optional[Any] = None) -> Any:
 def saved_tree(path) -> Any:
   """The saved params' tree with orbax array metadata (shape, dtype) as leaves; reads no array."""
   with ocp.StandardCheckpointer() as ckpt:
-    meta = ckpt.metadata(_resolve(path)).item_metadata
+    meta = ckpt.metadata(resolve_dir(path)).item_metadata
   return getattr(meta, "tree", meta)
 
 

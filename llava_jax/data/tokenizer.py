@@ -33,20 +33,17 @@ import numpy as np
 from etils import epath
 
 from llava_jax.errors import MissingFileError
+from llava_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
 _WARNED = set()
-
-
-def _is_url(path) -> bool:
-  return "://" in os.fspath(path)
 
 
 def _local_dir(path) -> str:
   """A local directory holding the files of `path`: itself when local; for a URL a copy that lives as long as
   the process, because the loaded tokenizer keeps reading it (`encode_with_offsets` encodes with its
   `tokenizer.model`)."""
-  if not _is_url(path):
+  if not is_url(path):
     return os.fspath(path)
   tmp = _process_scratch_dir()
   _copy_files(epath.Path(path), epath.Path(tmp))
@@ -111,7 +108,7 @@ def train_tokenizer(texts: Iterable[str], out_dir, *, vocab_size: int,
 
   vocab_size: number of pieces (the model's embedding may be larger, e.g. + 1 row for the image placeholder).
   """
-  if _is_url(out_dir):  # trained locally (the returned tokenizer reads its files), then copied to the URL
+  if is_url(out_dir):  # trained locally (the returned tokenizer reads its files), then copied to the URL
     tmp = _process_scratch_dir()
     tok = _train_local(texts, tmp, vocab_size, extra_symbols)
     _copy_files(epath.Path(tmp), epath.Path(out_dir))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import signal
 import threading
 from typing import Any, Optional
@@ -32,6 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from llava_jax.paths import resolve_dir
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,6 @@ TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix of a checkpoint still bei
 class CheckpointSaveError(RuntimeError):
   """Writing a checkpoint failed; the run stops instead of training on without checkpoints."""
 
-
-def resolve_dir(path) -> epath.Path:
-  """`path` as an epath.Path: URLs (gs://...) as they are, local paths made absolute (orbax needs that)."""
-  p = epath.Path(path)
-  return p if "://" in os.fspath(p) else epath.Path(os.path.abspath(os.fspath(p)))
 
 
 def remove_partial_saves(directory) -> list:

@@ -17,12 +17,10 @@ from typing import Dict, List, Optional
 import jax
 from etils import epath
 
+from llava_jax.paths import is_url
+
 REMOTE_FLUSH_S = 60.0
 
-
-def is_url(path) -> bool:
-  """True for an epath URL (gs://, s3://, ...) rather than a local path."""
-  return "://" in os.fspath(path)
 
 
 class _EpathRecordWriterFactory:
