@@ -12,7 +12,6 @@ smallest that does not: temporaries are not exactly linear in the batch).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, List, Optional, Sequence
 
@@ -237,7 +236,7 @@ def _from_dict(d: dict) -> ServePlan:
 
 def plan_serving_process(config, num_devices: int, budget_bytes: float, *, backend: str,
                          tpu_topology: Optional[str] = None, context: int = 4096, max_new: int = 512,
-                         max_rows: int = 1024, log=None) -> ServePlan:
+                         max_rows: int = 1024, max_checks: int = 6, log=None) -> ServePlan:
   """`plan_serving` for the recipe ConfigDict `config` in a child process holding the topology's devices
   (`num_devices` simulated CPU devices, or libtpu's devices of `tpu_topology`). Raises RuntimeError when the
   child fails."""
@@ -247,7 +246,7 @@ def plan_serving_process(config, num_devices: int, budget_bytes: float, *, backe
   from llava_jax.scale.memory import child_env
   setup = dict(config=config.to_dict(), num_devices=int(num_devices), budget_bytes=float(budget_bytes),
                backend=backend, tpu_topology=tpu_topology, context=int(context), max_new=int(max_new),
-               max_rows=int(max_rows))
+               max_rows=int(max_rows), max_checks=int(max_checks))
   proc = subprocess.Popen([sys.executable, "-m", "llava_jax.scale.serve"], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=child_env(num_devices, backend))
@@ -279,8 +278,8 @@ def _serve_main() -> None:
   devices = tpu_devices(setup["tpu_topology"]) if setup["backend"] == "tpu" else jax.devices("cpu")
   devices = devices[:setup["num_devices"]]
   plan = plan_serving(recipes.llava_config(config.model), devices, setup["budget_bytes"], context=setup["context"],
-                      max_new=setup["max_new"], max_rows=setup.get("max_rows", 1024),
-                      log=lambda s: print(s, flush=True))
+                      max_new=setup["max_new"], max_rows=setup["max_rows"],
+                      max_checks=setup["max_checks"], log=lambda s: print(s, flush=True))
   print(json.dumps(dataclasses.asdict(plan)), flush=True)
 
 

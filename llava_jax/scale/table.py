@@ -51,6 +51,8 @@ _SERVE = flags.DEFINE_bool("serve", True, "Also the serving plans.")
 _TRAIN = flags.DEFINE_bool("train", True, "The training plans.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "MFU for step times.")
 _CONTEXT = flags.DEFINE_integer("serve_context", 4096, "Serving: tokens of context per row.")
+_SERVE_CHECKS = flags.DEFINE_integer("serve_checks", 3, "Serving: compiles after the 1- and 2-row ones in the search "
+                                     "for the largest batch (each a 7B/13B compile of minutes).")
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the tables from --out.")
 
 
@@ -115,7 +117,8 @@ def serve_row(config_path: str, label: str, slice_name: str, context: int) -> di
   config.model.runtime.attention_impl = "chunked"  # prefill of a 4k prompt without [B, H, T, T] scores
   t0 = time.time()
   sp = plan_serving_process(config, topo.num_devices, topo.chip.memory_bytes * (1 - DEFAULT_HEADROOM), backend="tpu",
-                            tpu_topology=topo.tpu_topology(), context=context, log=lambda s: print(s, flush=True))
+                            tpu_topology=topo.tpu_topology(), context=context, max_checks=_SERVE_CHECKS.value,
+                            log=lambda s: print(s, flush=True))
   model_config = recipes.llava_config(config.model)
   return dict(kind="serve", recipe=config_path, label=label, slice=slice_name, devices=topo.num_devices,
               context=context, params=sp.params_per_device, kv_per_token=kv_bytes_per_token(model_config),
