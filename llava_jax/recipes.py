@@ -120,7 +120,6 @@ def train_section(**kw) -> ml_collections.ConfigDict:
       num_epochs=1.0, num_steps=-1,  # num_steps > 0 overrides epochs
       seed=0, log_every=10, checkpoint_every=500, keep_checkpoints=3,
       chunked_loss=False,
-      eval_every=0, eval_samples=0,
   )
   d.update(kw)
   return ml_collections.ConfigDict(d)

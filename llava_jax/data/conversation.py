@@ -48,8 +48,6 @@ IMAGE_TOKEN = "<image>"
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-SEGMENT_KINDS = ("system", "tag", "text", "image", "stop")
-
 
 @dataclasses.dataclass(frozen=True)
 class Segment:

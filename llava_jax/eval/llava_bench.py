@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from llava_jax.eval import openai_client
-from llava_jax.eval.predict import Question, answer_questions, read_answers
+from llava_jax.eval.predict import Question, answer_questions
 
 logger = logging.getLogger(__name__)
 
@@ -371,8 +371,3 @@ def review_and_summarize(items: Sequence[BenchItem], answers: Mapping[str, Mappi
   return {"summary": summary, "request_failures": failures, "unanswered": [str(q) for q in unanswered],
           "parse_failures": [str(r["question_id"]) for r in reviews if not r["parsed"]], "reviews": path,
           "judge": {"model": client.model, "base_url": client.base_url}}
-
-
-def read_answer_file(path: str) -> Dict[str, dict]:
-  """An answers JSON-lines file ({"question_id", "text", ...}) → {str(question_id): record}."""
-  return read_answers(path)

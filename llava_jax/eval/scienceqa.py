@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import ml_collections
 
 from llava_jax.eval import openai_client
-from llava_jax.eval.predict import Question, answer_questions, read_answers
+from llava_jax.eval.predict import Question, answer_questions
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +348,3 @@ def evaluate_scienceqa(config, model_config, params, tokenizer, *, workdir: str,
   print_fn(format_table7(rows))
   print_fn(f"report: {report_path}")
   return report
-
-
-def read_predictions(path: str) -> Dict[str, str]:
-  """A predictions / answer file (JSON lines with question_id and text) → {pid: text}."""
-  return {pid: rec.get("text", "") for pid, rec in read_answers(path).items() if "error" not in rec}

@@ -30,7 +30,7 @@ def wrap_block(block_cls, runtime: RuntimeOptions, static_argnums=()):
                   static_argnums=static_argnums)
 
 
-def scan_blocks(block_cls, length: int, name: str = "layers", in_axes=()):
+def scan_blocks(block_cls, length: int, in_axes=()):
   """`nn.scan` over `length` copies of `block_cls`; params gain a leading 'layers' axis.
 
   The block's `__call__(carry, *broadcast_args)` must return `(carry, y)`; `y` is stacked [length, ...].

@@ -200,11 +200,6 @@ class Checkpointer:
       logger.warning("closing the checkpointer after a failed save: %s", e)
 
 
-def abstract_with_shardings(tree, shardings):
-  """Pytree of ShapeDtypeStruct carrying the given shardings (restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 class PreemptionFlag:
   """Set by SIGTERM (cloud preemption, SLURM time limit): the loop saves and exits at the next step.
 
