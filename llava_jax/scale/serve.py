@@ -4,8 +4,9 @@
 on abstract inputs laid out as `generate()` lays them out (params by the logical axis rules, rows over
 data × fsdp, the rest replicated; decode takes prefill's output state), so `memory_analysis()` is the serving
 footprint per device: params, the KV cache (k, v [L, B, Hkv, S, hd] in the compute dtype), the decode state and
-the compiler's temporaries. `plan_serving` measures that at 1 and 2 rows per device, fits bytes = fixed + rows ×
-per-row, and reports the most rows per device that fit a context (prompt + new tokens) in the chip's budget,
+the compiler's temporaries. `plan_serving` measures that at 1 and `probe_rows` rows per device (2; a larger probe
+skips the small-batch overheads that make 1 → 2 rows steeper than the rest), fits bytes = fixed + rows × per-row,
+and reports the most rows per device that fit a context (prompt + new tokens) in the chip's budget,
 then compiles the estimate to check it (a few rounds of secant search between the largest batch that fits and the
 smallest that does not: temporaries are not exactly linear in the batch).
 """
@@ -164,7 +165,7 @@ def serve_mesh(num_devices: int) -> tuple:
 
 def plan_serving(model_config, devices: Sequence[Any], budget_bytes: float, *, context: int = 4096,
                  max_new: int = 512, mesh: Optional[tuple] = None, max_rows: int = 1024,
-                 max_checks: int = 6, log=None) -> ServePlan:
+                 max_checks: int = 6, probe_rows: int = 2, log=None) -> ServePlan:
   """Most rows per device whose prefill and decode fit `budget_bytes` at `context` tokens per row (see module)."""
   from llava_jax import parallel
   from llava_jax.scale.memory import _bytes_per_device
@@ -190,9 +191,10 @@ def plan_serving(model_config, devices: Sequence[Any], budget_bytes: float, *, c
   params = _bytes_per_device(abstract_params(model_config, m))
   plan = ServePlan(mesh=mesh_shape, num_devices=n, context=int(context), prompt_len=prompt_len, max_new=int(max_new),
                    budget_bytes=float(budget_bytes), params_per_device=params, kv_per_token=kv,
-                   kv_per_row_per_device=kv * context / m.shape["tensor"], measures=[run(1), run(2)])
+                   kv_per_row_per_device=kv * context / m.shape["tensor"],
+                   measures=[run(1), run(max(2, min(int(probe_rows), int(max_rows))))])
   one, two = plan.measures
-  plan.per_row_bytes = max(1.0, float(two.peak - one.peak))
+  plan.per_row_bytes = max(1.0, float(two.peak - one.peak) / (two.rows_per_device - 1))
   plan.fixed_bytes = float(one.peak) - plan.per_row_bytes
   # search between the largest batch that fits and the smallest that does not: a secant step (through the
   # largest fitting point and the nearest failing / fitting one) alternating with bisection once both are known,
@@ -236,7 +238,7 @@ def _from_dict(d: dict) -> ServePlan:
 
 def plan_serving_process(config, num_devices: int, budget_bytes: float, *, backend: str,
                          tpu_topology: Optional[str] = None, context: int = 4096, max_new: int = 512,
-                         max_rows: int = 1024, max_checks: int = 6, log=None) -> ServePlan:
+                         max_rows: int = 1024, max_checks: int = 6, probe_rows: int = 2, log=None) -> ServePlan:
   """`plan_serving` for the recipe ConfigDict `config` in a child process holding the topology's devices
   (`num_devices` simulated CPU devices, or libtpu's devices of `tpu_topology`). Raises RuntimeError when the
   child fails."""
@@ -246,7 +248,7 @@ def plan_serving_process(config, num_devices: int, budget_bytes: float, *, backe
   from llava_jax.scale.memory import child_env
   setup = dict(config=config.to_dict(), num_devices=int(num_devices), budget_bytes=float(budget_bytes),
                backend=backend, tpu_topology=tpu_topology, context=int(context), max_new=int(max_new),
-               max_rows=int(max_rows), max_checks=int(max_checks))
+               max_rows=int(max_rows), max_checks=int(max_checks), probe_rows=int(probe_rows))
   proc = subprocess.Popen([sys.executable, "-m", "llava_jax.scale.serve"], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=child_env(num_devices, backend))
@@ -279,7 +281,7 @@ def _serve_main() -> None:
   devices = devices[:setup["num_devices"]]
   plan = plan_serving(recipes.llava_config(config.model), devices, setup["budget_bytes"], context=setup["context"],
                       max_new=setup["max_new"], max_rows=setup["max_rows"],
-                      max_checks=setup["max_checks"], log=lambda s: print(s, flush=True))
+                      max_checks=setup["max_checks"], probe_rows=setup["probe_rows"], log=lambda s: print(s, flush=True))
   print(json.dumps(dataclasses.asdict(plan)), flush=True)
 
 

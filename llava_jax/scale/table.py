@@ -51,7 +51,8 @@ _SERVE = flags.DEFINE_bool("serve", True, "Also the serving plans.")
 _TRAIN = flags.DEFINE_bool("train", True, "The training plans.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "MFU for step times.")
 _CONTEXT = flags.DEFINE_integer("serve_context", 4096, "Serving: tokens of context per row.")
-_SERVE_CHECKS = flags.DEFINE_integer("serve_checks", 3, "Serving: compiles after the 1- and 2-row ones in the search "
+_SERVE_PROBE = flags.DEFINE_integer("serve_probe", 8, "Serving: rows per chip of the second measured batch (after 1).")
+_SERVE_CHECKS = flags.DEFINE_integer("serve_checks", 2, "Serving: compiles after the 1- and 2-row ones in the search "
                                      "for the largest batch (each a 7B/13B compile of minutes).")
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the tables from --out.")
 
@@ -118,6 +119,7 @@ def serve_row(config_path: str, label: str, slice_name: str, context: int) -> di
   t0 = time.time()
   sp = plan_serving_process(config, topo.num_devices, topo.chip.memory_bytes * (1 - DEFAULT_HEADROOM), backend="tpu",
                             tpu_topology=topo.tpu_topology(), context=context, max_checks=_SERVE_CHECKS.value,
+                            probe_rows=_SERVE_PROBE.value,
                             log=lambda s: print(s, flush=True))
   model_config = recipes.llava_config(config.model)
   return dict(kind="serve", recipe=config_path, label=label, slice=slice_name, devices=topo.num_devices,

@@ -65,6 +65,20 @@ def test_largest_batch_search(monkeypatch, budget_mib):
   assert f"{want} rows per device ({8 * want} in all" in sp.render()
 
 
+def test_a_larger_probe_skips_the_small_batch_overhead(monkeypatch):
+  """One row per device carries less than its share of fixed overhead (decode state, layout): with the second
+  measure at 8 rows instead of 2 the fitted per-row slope is the large-batch one, and two checks land on the
+  largest fitting batch."""
+  cost = lambda r: 100 * MIB + r * 10 * MIB + (30 * MIB if r > 1 else 0)
+  budget = 1000 * MIB
+  want = max(r for r in range(1, 1000) if cost(r) <= budget)
+  batches = _fake_compiles(monkeypatch, cost, 8)
+  cfg = recipes.llava_config(load_config("tiny").model)
+  sp = serve.plan_serving(cfg, jax.devices()[:8], budget, context=256, max_new=32, max_checks=2, probe_rows=8)
+  assert batches[:2] == [8, 64] and len(batches) == 4
+  assert sp.per_row_bytes == (cost(8) - cost(1)) / 7
+  assert sp.max_rows_per_device == want and sp.checked.peak == cost(want)
+
 def test_nothing_fits_when_one_row_does_not(monkeypatch):
   _fake_compiles(monkeypatch, lambda r: 100 * MIB + r * 10 * MIB, 8)
   cfg = recipes.llava_config(load_config("tiny").model)
