@@ -11,7 +11,7 @@ import os
 import sys
 
 from llava_jax.datagen import coco, generate, prompts
-from llava_jax.eval import openai_client
+from llava_jax import openai_client
 
 
 def parse_args(argv=None):

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from llava_jax.datagen import parse, prompts
 from llava_jax.datagen.coco import ImageContext
-from llava_jax.eval import openai_client
+from llava_jax import openai_client
 
 DATASET_FILE = "llava_instruct.json"
 REPLIES_FILE = "replies.jsonl"

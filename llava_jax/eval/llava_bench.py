@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
-from llava_jax.eval import openai_client
+from llava_jax import openai_client
 from llava_jax.eval.predict import Question, answer_questions
 
 logger = logging.getLogger(__name__)

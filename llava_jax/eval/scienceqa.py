@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import ml_collections
 
-from llava_jax.eval import openai_client
+from llava_jax import openai_client
 from llava_jax.eval.predict import Question, answer_questions
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from llava_jax import LlavaConfig, export_hf, load_pretrained
 from llava_jax.config import RopeScaling, RuntimeOptions, TextConfig, VisionConfig
 from llava_jax.checkpoints.hf import abstract_params
-from tests.checkpoints import helpers as H
+from tests.fixtures import hf_checkpoints as H
 
 
 @pytest.fixture(scope="module")

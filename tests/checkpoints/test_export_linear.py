@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from llava_jax import LlavaConfig, export_hf, load_pretrained
 from llava_jax.checkpoints.hf import abstract_params
 from llava_jax.config import TextConfig, VisionConfig
-from tests.checkpoints import helpers as H
+from tests.fixtures import hf_checkpoints as H
 
 IMAGE = 95
 

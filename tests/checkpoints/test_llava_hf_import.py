@@ -13,7 +13,7 @@ from llava_jax import load_pretrained
 from llava_jax.checkpoints.hf import CheckpointFormatError, CheckpointKeyError, param_shardings
 from llava_jax.checkpoints.layouts import llava_hf_config
 from llava_jax.parallel import make_mesh
-from tests.checkpoints import helpers as H
+from tests.fixtures import hf_checkpoints as H
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llava_jax.checkpoints.hf import restore_params, save_params
 from llava_jax.checkpoints.reader import CheckpointFormatError, TensorReader
 from llava_jax.parallel import make_mesh
-from tests.checkpoints import helpers as H
+from tests.fixtures import hf_checkpoints as H
 
 
 def _tree():

@@ -10,7 +10,7 @@ from llava_jax import load_pretrained
 from llava_jax.checkpoints.hf import CheckpointKeyError
 from llava_jax.checkpoints.layouts import original_llava_options
 from tests import fixtures
-from tests.checkpoints import helpers as H
+from tests.fixtures import hf_checkpoints as H
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from llava_jax.checkpoints import peft as peft_io
 from llava_jax.config import LoraConfig
 from llava_jax.models import lora as lora_lib
 from tests import fixtures
-from tests.checkpoints import helpers as H
+from tests.fixtures import hf_checkpoints as H
 
 peft = pytest.importorskip("peft")
 

@@ -17,7 +17,7 @@ REF_IMAGE_ID = -200
 # ---------------------------------------------------------------------------------------------- oracle
 
 def ref_tokenizer_image_token(tok, prompt):
-  """The reference's tokenization (one -200 per <image>): the shared oracle in tests/fixtures.py."""
+  """The reference's tokenization (one -200 per <image>): the shared oracle in tests/fixtures/__init__.py."""
   return tokenizer_image_token(tok, prompt, image_token=REF_IMAGE_ID)
 
 

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from llava_jax.eval import llava_bench as lb
-from llava_jax.eval import openai_client as oc
-from tests.eval import tiny_model
-from tests.eval.judge_stub import JudgeStub, Reply
+from llava_jax import openai_client as oc
+from tests.fixtures import tiny_model
+from tests.fixtures.judge_stub import JudgeStub, Reply
 
 REPO = tiny_model.REPO
 
@@ -390,7 +390,7 @@ WILD_QUESTIONS = [
 WILD_JUDGE = {"What colour is the square?": "9 4\nok", "Describe this picture in detail.": "I'd give 9 and 4",
               "Why would someone draw this?": "8 8\nok"}
 CONFIG_FILE = '''
-from tests.eval import tiny_model
+from tests.fixtures import tiny_model
 from llava_jax.eval.llava_bench import eval_config
 
 

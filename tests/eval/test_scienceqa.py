@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from llava_jax.data.sources import ScienceQASource
-from llava_jax.eval import openai_client
+from llava_jax import openai_client
 from llava_jax.eval import scienceqa as sqa
-from tests.eval import tiny_model
-from tests.eval.judge_stub import JudgeStub, Reply
+from tests.fixtures import tiny_model
+from tests.fixtures.judge_stub import JudgeStub, Reply
 
 
 def _problem(q, choices, answer, subject, grade, hint="", image=None, lecture="", solution=""):

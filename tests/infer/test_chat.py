@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from llava_jax.infer.streaming import AnswerStream
-from tests.infer import chat_fixtures as cf
+from tests.fixtures import chat as cf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_NEW = 12

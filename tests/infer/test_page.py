@@ -12,7 +12,7 @@ import pytest
 from llava_jax.infer.loading import load_for_inference
 from llava_jax.infer.openai_api import Limits
 from llava_jax.infer.server import ServerOptions, ServerThread
-from tests.infer import chat_fixtures as cf
+from tests.fixtures import chat as cf
 
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",

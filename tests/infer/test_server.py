@@ -21,7 +21,7 @@ import pytest
 from llava_jax.infer.loading import load_for_inference
 from llava_jax.infer.openai_api import Limits
 from llava_jax.infer.server import ServerOptions, ServerThread
-from tests.infer import chat_fixtures as cf
+from tests.fixtures import chat as cf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_NEW = 12

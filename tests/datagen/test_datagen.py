@@ -12,9 +12,9 @@ from PIL import Image
 from llava_jax.data import conversation as conv_lib
 from llava_jax.datagen import coco, generate, parse, prompts
 from llava_jax.datagen import __main__ as cli
-from llava_jax.eval import openai_client as oc
-from tests.eval import tiny_model
-from tests.eval.judge_stub import JudgeStub, Reply
+from llava_jax import openai_client as oc
+from tests.fixtures import tiny_model
+from tests.fixtures.judge_stub import JudgeStub, Reply
 
 CAPTIONS = {
     "images": [{"id": 1, "file_name": "000000000001.jpg", "width": 640, "height": 480},
