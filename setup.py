@@ -58,7 +58,10 @@ setup(
     description="LLaVA (visual instruction tuning) in JAX/Flax: CLIP ViT-L/14 + projector + LLaMA, sharded with jit.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    url="https://github.com/llava-jax/llava_jax",  # the notebooks' install cell and Colab badge use it
+    # configs/ ships as llava_jax.configs: `--config=configs/<name>.py` works outside a checkout (config_files.py)
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]) + ["llava_jax.configs"],
+    package_dir={"llava_jax.configs": "configs"},
     package_data={"llava_jax.infer": ["static/*.html"]},
     python_requires=">=3.11",  # jax 0.10, jaxlib, flax 0.12, orbax-checkpoint, grain, libtpu: Requires-Python >=3.11
     install_requires=RUNTIME,

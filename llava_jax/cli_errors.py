@@ -16,6 +16,7 @@ from typing import Callable, NoReturn, Sequence
 import ml_collections
 from absl import app, flags
 
+from llava_jax import config_files
 from llava_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -54,6 +55,7 @@ def _override_error(error: Exception, argv: Sequence[str]) -> str:
 
 def parse_flags(argv: Sequence[str]):
   """absl's flag parsing, with a `--config.a.b` override that names no field as a one-line user error."""
+  argv = config_files.resolve_argv(argv)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: a KeyError, or an AttributeError wrapping one

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from llava_jax import cli_errors
 from llava_jax.errors import MissingFileError, require_path
+from llava_jax.limits import MAX_IMAGE_PIXELS
 from llava_jax.scale.cli import plan_flag_defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
@@ -55,7 +56,7 @@ _PORT = flags.DEFINE_integer("port", 8000, "serve: port.")
 _ALLOW_REMOTE_IMAGES = flags.DEFINE_bool("allow_remote_images", False, "serve: fetch http(s) image URLs.")
 _LOCAL_IMAGE_ROOT = flags.DEFINE_string("local_image_root", None, "serve: allow image paths under this directory.")
 _MAX_REQUEST_BYTES = flags.DEFINE_integer("max_request_bytes", 20 * 1024 * 1024, "serve: largest request body.")
-_MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", 1 << 25, "serve: largest decoded image (pixels).")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", MAX_IMAGE_PIXELS, "serve: largest decoded image (pixels).")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 4, "serve: most images per request.")
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", None, "serve: longest prompt (default: the context).")
 _MAX_OUTPUT_TOKENS = flags.DEFINE_integer("max_output_tokens", 1024, "serve: largest max_tokens a request may ask.")
@@ -141,7 +142,7 @@ def main(argv):
       sys.exit(PREEMPTED_EXIT_CODE)  # saved, not finished: a requeue-on-failure scheduler restarts the run
   elif mode == "eval":
     apply_judge_flags(config)
-    from llava_jax.train.loop import evaluate_checkpoint
+    from llava_jax.eval.run import evaluate_checkpoint
     evaluate_checkpoint(config, workdir, checkpoint=_path(_CHECKPOINT))
   elif mode == "inspect":
     from llava_jax.data.from_config import inspect_from_config

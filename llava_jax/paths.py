@@ -15,3 +15,8 @@ def is_url(path) -> bool:
 def resolve_dir(path) -> epath.Path:
   """`path` as an epath.Path: URLs as they are, local paths made absolute (orbax needs absolute local paths)."""
   return epath.Path(path) if is_url(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def join(path, *parts) -> str:
+  """`path`/parts as a string, for local paths and URLs alike (os.path.join would not do for gs://)."""
+  return os.fspath(epath.Path(path).joinpath(*parts))

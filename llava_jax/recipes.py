@@ -6,13 +6,18 @@ A config is an ml_collections.ConfigDict with sections:
   data    — source, template, tokenizer, preprocessing, batching
   train   — trainable set, optimizer and schedule, steps, logging, checkpointing
   mesh    — (data, fsdp, tensor) device mesh; -1 takes the remaining devices
-Field values follow ../shared/REFERENCE.md "Training recipes".
+Field values follow the original LLaVA's training scripts (github.com/haotian-liu/LLaVA: `scripts/pretrain.sh`,
+`scripts/finetune.sh`, `scripts/finetune_sqa.sh` for the paper; `scripts/v1_5/pretrain.sh`, `finetune.sh`,
+`finetune_lora.sh` for v1.5): AdamW (0.9, 0.999), eps 1e-8, no weight decay, 3 % warmup then cosine, bf16,
+gradient checkpointing, max length 2048.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import ml_collections
+
+from llava_jax import limits
 
 from llava_jax.config import LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
 
@@ -102,8 +107,8 @@ def data_section(**kw) -> ml_collections.ConfigDict:
       group_by_modality=False,
       worker_count=4,
       strict=False,
-      max_pixels=89_478_485,      # PIL's decompression-bomb threshold
-      max_image_bytes=1 << 27,    # image files above 128 MiB are skipped ('unreadable_image') without being read
+      max_pixels=limits.MAX_IMAGE_PIXELS,
+      max_image_bytes=limits.MAX_IMAGE_BYTES,  # larger image files: skipped ('unreadable_image') unread
   )
   d.update(kw)
   return ml_collections.ConfigDict(d)
@@ -136,3 +141,28 @@ def llava_config(model_section_dict) -> LlavaConfig:
   """ConfigDict `model` section → LlavaConfig."""
   d = model_section_dict.to_dict() if hasattr(model_section_dict, "to_dict") else dict(model_section_dict)
   return LlavaConfig.from_dict(d)
+
+
+def stage_configs(config):
+  """[(name or None, config)] — one entry per stage with the stage's overrides applied."""
+  names = tuple(config.get("stages", ()) or ())
+  if not names:
+    return [(None, config)]
+  out = []
+  for name in names:
+    if name not in config:
+      raise ValueError(f"config.stages names {name!r} but config has no section {name!r}")
+    merged = ml_collections.ConfigDict(config.to_dict())
+    for section, values in config[name].items():
+      if isinstance(values, ml_collections.ConfigDict) and section in merged:
+        for k, v in values.items():
+          merged[section][k] = v
+      else:
+        merged[section] = values
+    out.append((name, merged))
+  return out
+
+
+def last_stage(config):
+  """(stage name or None, the config with the last stage's overrides): what a finished run's params are."""
+  return stage_configs(config)[-1]

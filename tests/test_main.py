@@ -11,10 +11,10 @@ from llava_jax.data.sources import SyntheticShapesSource
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=240, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "llava_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, "-m", "llava_jax.main", *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
@@ -34,6 +34,24 @@ def test_inspect_mode_writes_supervised_answers(tmp_path, template, stop):
     answers = source[int(row["id"].rsplit("-", 1)[1])]["meta"]["answers"]
     assert [t.strip() for t in row["supervised_text"]] == [f"{a}{stop}" for a in answers]
     assert "[[" in proc.stdout  # supervised spans are marked in the printout
+
+
+def test_configs_are_found_outside_a_checkout(tmp_path):
+  """`--config=configs/<name>.py` from a directory without configs/ loads the installed `llava_jax.configs`
+  (the checkout's files, as setup.py ships them), with its `:arg` and overrides."""
+  from llava_jax import config_files
+  assert os.path.samefile(config_files.installed_configs_dir(), os.path.join(ROOT, "configs"))
+  out = tmp_path / "samples.jsonl"
+  _run(["--config", "configs/tiny.py:lora", f"--workdir={tmp_path}", "--mode=inspect", f"--inspect_out={out}",
+        "--inspect_limit=2", "--config.data.synthetic_samples=4"], cwd=tmp_path)
+  assert len(out.read_text().splitlines()) == 2
+  cwd = os.getcwd()
+  try:
+    os.chdir(tmp_path)
+    assert config_files.load("configs/tiny.py:lora").model.runtime.lora.rank > 0
+    assert config_files.resolve("configs/nope.py:x") == "configs/nope.py:x"  # the loader reports it
+  finally:
+    os.chdir(cwd)
 
 
 def test_missing_config_is_a_usage_error(tmp_path):

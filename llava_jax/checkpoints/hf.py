@@ -26,7 +26,7 @@ from llava_jax.checkpoints.orbax_params import restore_params, save_params  # no
 from llava_jax.checkpoints.reader import CheckpointFormatError  # noqa: F401
 from llava_jax.checkpoints.table import get_in, group_by_leaf, params_from_tensors, set_in
 from llava_jax.config import LlavaConfig, RuntimeOptions, dtype_name
-from llava_jax.models.llava import init_params
+from llava_jax.models.llava import abstract_params
 from llava_jax.models.projector import Projector
 
 __all__ = ["load_pretrained", "export_hf", "save_params", "restore_params", "original_llava_options",
@@ -84,18 +84,6 @@ def load_pretrained(path: str, *, vision_tower: Optional[str] = None, projector:
   check_keys(plan.sources)
   params = stream_params(config, plan, mesh=mesh, seed=seed)
   return config, params
-
-
-def abstract_params(config: LlavaConfig):
-  """(shape/dtype tree, logical PartitionSpec tree) of the model's params, without allocating them."""
-  boxed = jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0))
-  return nn.unbox(boxed), nn.get_partition_spec(boxed)
-
-
-def param_shardings(config: LlavaConfig, mesh: Mesh):
-  """Pytree of NamedShardings for the params on `mesh` (from the modules' logical axes)."""
-  _, logical = abstract_params(config)
-  return parallel.logical_to_sharding(logical, mesh)
 
 
 def stream_params(config: LlavaConfig, plan: LoadPlan, *, mesh: Optional[Mesh] = None, seed: int = 0) -> dict:

@@ -13,6 +13,8 @@ import orbax.checkpoint as ocp
 
 from llava_jax.paths import resolve_dir
 
+PARAMS_DIR = "params"  # a finished run's params: <run>[/<stage>]/params (train/loop.py writes, infer reads)
+
 
 def save_params(path, params: Any, *, force: bool = True) -> str:
   """Write `params` (a pytree of jax arrays, any sharding) to the directory `path` (local, or an etils.epath URL

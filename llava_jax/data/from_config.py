@@ -9,7 +9,6 @@ from etils import epath
 
 from llava_jax.config import LlavaConfig
 from llava_jax.data import conversation
-from llava_jax.data.image_file import DEFAULT_MAX_IMAGE_BYTES
 from llava_jax.data.sources import LlavaJsonSource, ScienceQASource, SyntheticShapesSource, TfdsSource
 from llava_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from llava_jax.errors import require_path
@@ -107,7 +106,7 @@ def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
       bucket_lengths=buckets, packing=bool(data.packing),
       group_by_modality=bool(data.group_by_modality), worker_count=int(data.worker_count),
       strict=bool(data.strict), max_pixels=int(data.max_pixels),
-      max_image_bytes=int(data.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)),
+      max_image_bytes=int(data.max_image_bytes),
       max_images_per_sample=int(data.get("max_images_per_sample", 1)))
 
 

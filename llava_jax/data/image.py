@@ -35,17 +35,17 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from llava_jax.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from llava_jax.data.errors import SampleError
-from llava_jax.data.image_file import DEFAULT_MAX_IMAGE_BYTES, read_image_file, show_path
+from llava_jax.data.image_file import read_image_file, show_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASPECT_RATIOS = ("square", "pad")
 
-# Images above this many pixels are rejected before their pixel data is decoded (8192 x 8192).
-# PIL's own guard (Image.MAX_IMAGE_PIXELS, 89.5 M) also applies: above 2x it PIL raises, which we report the
-# same way; between 1x and 2x PIL emits a DecompressionBombWarning.
-DEFAULT_MAX_PIXELS = 1 << 26
+# Images above `limits.MAX_IMAGE_PIXELS` (by default; `max_pixels` per call) are rejected before their pixel data
+# is decoded. PIL's own guard (Image.MAX_IMAGE_PIXELS) also applies to larger limits: above 2x it PIL raises,
+# which we report the same way.
 
 # Largest intermediate (resized or padded) image `preprocess` materialises in full. Above it (only for
 # extreme aspect ratios, e.g. 1 x 100000, or pad canvases of very large photos) a bounded path is taken whose
@@ -64,8 +64,8 @@ def pad_background(mean: Sequence[float] = CLIP_MEAN) -> Tuple[int, int, int]:
   return tuple(int(x * 255) for x in mean)
 
 
-def load_image(source: ImageSource, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-               max_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES, exif_transpose: bool = True,
+def load_image(source: ImageSource, *, max_pixels: Optional[int] = MAX_IMAGE_PIXELS,
+               max_bytes: Optional[int] = MAX_IMAGE_BYTES, exif_transpose: bool = True,
                alpha_background: Optional[Tuple[int, int, int]] = None, sample_id=None) -> Image.Image:
   """Decode `source` into an RGB PIL image.
 

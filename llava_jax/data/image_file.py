@@ -12,10 +12,8 @@ import stat
 from typing import Optional, Union
 
 from llava_jax.data.errors import SampleError
+from llava_jax.limits import MAX_IMAGE_BYTES
 
-# Image files larger than this many bytes are refused from their size, before anything is read (128 MiB: far
-# above any JPEG of image.DEFAULT_MAX_PIXELS pixels; config `data.max_image_bytes`).
-DEFAULT_MAX_IMAGE_BYTES = 1 << 27
 
 # OS errors that mean "there is no such file" (a path component that is a regular file, `a.png/x.png`, is
 # ENOTDIR); every other OS error is 'unreadable_image'.
@@ -24,7 +22,7 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY
 _READ_CHUNK = 1 << 20
 
 
-def read_image_file(path: Union[str, os.PathLike], *, max_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES,
+def read_image_file(path: Union[str, os.PathLike], *, max_bytes: Optional[int] = MAX_IMAGE_BYTES,
                     sample_id=None) -> bytes:
   """The bytes of the regular file at `path`, read without blocking and with a bound.
 

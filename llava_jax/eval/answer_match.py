@@ -37,7 +37,7 @@ def batch_answer_matches(config: LlavaConfig, params, batch: Mapping[str, np.nda
   """Per-row exact match [B] bool for a padded (not packed) batch from data.pipeline."""
   if mesh is None:
     return np.asarray(_jitted(config, params, dict(batch))[0])
-  with jax.set_mesh(mesh), parallel.axis_rules():
+  with parallel.mesh_context(mesh):
     matches = _jitted(config, params, dict(batch))[0]
   if not matches.is_fully_addressable:  # params spread over several processes' devices
     from jax.experimental import multihost_utils

@@ -66,7 +66,7 @@ def read_answers(path: str) -> Dict[str, dict]:
 def answer_questions(questions: Sequence[Question], *, model_config: LlavaConfig, params, tokenizer, template,
                      out_path: str, image_root: Optional[str] = None, aspect_ratio: str = "square",
                      batch_size: int = 8, max_new_tokens: int = 1024, model_id: str = "llava_jax", mesh=None,
-                     resume: bool = True, max_pixels: Optional[int] = image_lib.DEFAULT_MAX_PIXELS,
+                     resume: bool = True, max_pixels: Optional[int] = image_lib.MAX_IMAGE_PIXELS,
                      print_fn: Callable[[str], None] = print) -> Dict[str, dict]:
   """Answer every question greedily; returns {str(qid): answer record} for all of them (old and new).
 

@@ -43,9 +43,9 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import conversation as conv_lib
 from llava_jax.data.tokenize import encode_segments
 from llava_jax.infer import sampling
-from llava_jax.infer.streaming import byte_token_ids, stable_text
+from llava_jax.infer.streaming import AnswerStream
 from llava_jax.models.llama import KVCache, constrain_kv_cache, init_kv_cache
-from llava_jax.models.llava import LlavaModel, logical_partition_specs
+from llava_jax.models.llava import LlavaModel, check_image_placeholders, param_shardings
 
 DEFAULT_STREAM_CHUNK = 8
 # Prompt lengths: powers of two up to 256, then multiples of 64. An image prompt is 256 / 576 placeholders + text,
@@ -213,75 +213,6 @@ class GenerationResult:
   prompt_lengths: Optional[List[int]] = None
 
 
-class _Row:
-  """Host bookkeeping for one row: tokens so far, stop strings, streamed deltas."""
-
-  def __init__(self, index: int, stop_ids, stop_strings, tokenizer):
-    self.index, self.stop_ids, self.stop_strings, self.tokenizer = index, set(stop_ids), stop_strings, tokenizer
-    self.tokens: List[int] = []
-    self.reason: Optional[str] = None
-    self.text = ""  # answer text so far (final once reason is set)
-    self.sent_tokens, self.sent_text, self.closed = 0, "", False
-
-  def _decode(self, ids) -> str:
-    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-  def _answer_ids(self, ids):
-    return ids[:-1] if ids and ids[-1] in self.stop_ids else ids
-
-  def add(self, new_tokens) -> None:
-    """Append a chunk's tokens; finish on a stop token or a stop string."""
-    if self.reason is not None:
-      return
-    start = len(self.tokens)
-    for tok in new_tokens:
-      self.tokens.append(int(tok))
-      if int(tok) in self.stop_ids:
-        self.reason = "stop"
-        break
-    if self.tokenizer is None:
-      return
-    text = self._decode(self._answer_ids(self.tokens))
-    if self.stop_strings and any(s in text for s in self.stop_strings):
-      for k in range(start + 1, len(self.tokens) + 1):  # the first token that completes a stop string
-        text_k = self._decode(self._answer_ids(self.tokens[:k]))
-        hits = [text_k.find(s) for s in self.stop_strings if s in text_k]
-        if hits:
-          self.tokens, self.reason, text = self.tokens[:k], "stop", text_k[:min(hits)]
-          break
-    self.text = text
-
-  def finish_length(self) -> None:
-    if self.reason is None:
-      self.reason = "length"
-
-  def event(self) -> Optional[StreamEvent]:
-    """The delta since the last event (None when there is nothing new, or the row's last event was sent)."""
-    if self.closed:
-      return None
-    new_tokens = tuple(self.tokens[self.sent_tokens:])
-    text = None
-    if self.tokenizer is not None:
-      visible = self.text if self.reason is not None else self._streamable()
-      text = ""
-      if len(visible) > len(self.sent_text) and visible.startswith(self.sent_text):
-        text = visible[len(self.sent_text):]
-      elif self.reason is not None and not visible.startswith(self.sent_text):
-        raise RuntimeError(f"row {self.index}: streamed text {self.sent_text!r} is not a prefix of the final "
-                           f"text {visible!r} (tokenizer decoding is not prefix-stable)")
-      self.sent_text += text
-    finished = self.reason is not None
-    if not new_tokens and not text and not finished:
-      return None
-    self.sent_tokens, self.closed = len(self.tokens), finished
-    return StreamEvent(self.index, new_tokens, text, self.reason)
-
-  def _streamable(self) -> str:
-    """Text safe to show while running (see infer/streaming.stable_text): never taken back later."""
-    return stable_text(self.tokenizer, self._answer_ids(self.tokens), self.stop_strings,
-                       byte_token_ids(self.tokenizer), strip=False)
-
-
 def _encode_prompt(text: str, tokenizer, config: LlavaConfig) -> np.ndarray:
   """A prompt string (with literal `<image>`s) → ids with image placeholder runs, as LLaVA tokenizes."""
   parts = text.split(conv_lib.IMAGE_TOKEN)
@@ -345,7 +276,6 @@ def _image_array(pixel_values, config: LlavaConfig) -> Optional[np.ndarray]:
 
 def _check_rows(rows: List[np.ndarray], num_images: int, config: LlavaConfig, max_new_tokens: int) -> None:
   k, img, vocab = config.num_image_tokens, config.image_token_index, config.text.vocab_size
-  total = 0
   for r, ids in enumerate(rows):
     if ids.ndim != 1 or ids.size == 0:
       raise ValueError(f"prompt {r} must be a non-empty 1-D id sequence, got shape {ids.shape}")
@@ -360,14 +290,11 @@ def _check_rows(rows: List[np.ndarray], num_images: int, config: LlavaConfig, ma
     if np.any(lengths % k):
       raise ValueError(f"prompt {r} has an image placeholder run of {int(lengths[lengths % k != 0][0])} tokens; "
                        f"each image needs exactly {k} copies of id {img}")
-    total += int(is_img.sum())
     limit = config.text.max_position_embeddings
     if ids.size + max_new_tokens > limit:
       raise ValueError(f"prompt {r}: {ids.size} tokens + max_new_tokens {max_new_tokens} exceed the model's "
                        f"max_position_embeddings {limit}")
-  if total != num_images * k:
-    raise ValueError(f"the prompts hold {total} image placeholders but {num_images} image(s) give "
-                     f"{num_images * k} features ({k} per image); pass one image per placeholder run, in order")
+  check_image_placeholders(np.concatenate(rows), num_images, k, img)
 
 
 def _per_row(name, value, b, dtype, lo, hi) -> np.ndarray:
@@ -381,8 +308,7 @@ def _per_row(name, value, b, dtype, lo, hi) -> np.ndarray:
 
 def shard_params(config: LlavaConfig, params, mesh):
   """Place params on `mesh` by the logical axis rules (what a sharded checkpoint load produces)."""
-  shardings = parallel.logical_to_sharding(logical_partition_specs(config), mesh)
-  return jax.device_put(params, shardings)
+  return jax.device_put(params, param_shardings(config, mesh))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -478,15 +404,14 @@ def generate(config: LlavaConfig, params, input_ids=None, pixel_values=None, *, 
   if mesh is not None:
     put_batch = lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim))
     put_rep = lambda x: None if x is None else jax.device_put(x, parallel.replicated(mesh))
-    ctx = _MeshContext(mesh)
   else:
     put_batch = put_rep = lambda x: None if x is None else jnp.asarray(x)
-    ctx = _MeshContext(None)
   ids_d, mask_d, active_d, seeds_d, salts_d, temp_d, top_p_d, top_k_d = [put_batch(x) for x in batch_args]
 
   chunk = steps_per_chunk or (DEFAULT_STREAM_CHUNK if (stream_callback or stop_strings) else nb)
-  trackers = [_Row(r, stop_token_ids, stop_strings, tokenizer) for r in range(b)]
-  with ctx:
+  answers = [AnswerStream(tokenizer, stop_token_ids, stop_strings, strip=False) for _ in range(b)]
+  events = [_RowEvents(r, a) for r, a in enumerate(answers)]
+  with parallel.mesh_context(mesh):
     state = _prefill(params, ids_d, mask_d, put_rep(images), put_rep(image_valid), active_d, seeds_d, salts_d,
                      temp_d, top_p_d, top_k_d, put_rep(stop_arr), put_rep(np.int32(pad_id)), config=config,
                      max_new=nb, output_scores=output_scores)
@@ -494,32 +419,51 @@ def generate(config: LlavaConfig, params, input_ids=None, pixel_values=None, *, 
     while True:
       step, tokens = host_values((state.step, state.tokens))
       step = int(step)
-      for t in trackers:
-        t.add(tokens[t.index, seen:step])
+      for e in events:
+        e.pending += e.answer.add(tokens[e.row, seen:step])
         if step >= max_new_tokens:
-          t.finish_length()
+          e.pending += e.answer.finish()
       seen = step
       if stream_callback is not None:
-        for t in trackers:
-          event = t.event()
+        for e in events:
+          event = e.take()
           if event is not None:
             stream_callback(event)
-      if all(t.reason is not None for t in trackers):
+      if all(a.finished for a in answers):
         break
       if step == last_step:  # the device stopped every row but the host saw no stop: never expected
         raise RuntimeError(f"decoding made no progress at step {step} with unfinished rows")
       last_step = step
-      stop_now = np.array([r < b and trackers[r].reason is not None for r in range(bb)])
+      stop_now = np.array([r < b and answers[r].finished for r in range(bb)])
       limit = min(step + chunk, max_new_tokens)
       state = _decode(params, state, put_batch(stop_now), put_rep(np.int32(limit)), config=config)
 
     scores = None
     if output_scores:
       all_scores = np.asarray(host_values(state.scores))
-      scores = [all_scores[t.index, :len(t.tokens)] for t in trackers]
-  return GenerationResult(token_ids=[t.tokens for t in trackers], finish_reasons=[t.reason for t in trackers],
-                          texts=None if tokenizer is None else [t.text for t in trackers], scores=scores,
+      scores = [all_scores[r, :len(a.tokens)] for r, a in enumerate(answers)]
+  return GenerationResult(token_ids=[a.tokens for a in answers], finish_reasons=[a.finish_reason for a in answers],
+                          texts=None if tokenizer is None else [a.text for a in answers], scores=scores,
                           prompt_lengths=[len(r) for r in rows])
+
+
+class _RowEvents:
+  """One row's `StreamEvent`s: the tokens and text (`streaming.AnswerStream`'s pieces) not yet handed out."""
+
+  def __init__(self, row: int, answer: AnswerStream):
+    self.row, self.answer, self.pending, self.sent_tokens, self.closed = row, answer, "", 0, False
+
+  def take(self) -> Optional[StreamEvent]:
+    """The delta since the last event (None when there is nothing new, or the row's last event was sent)."""
+    if self.closed:
+      return None
+    new_tokens = tuple(self.answer.tokens[self.sent_tokens:])
+    finished = self.answer.finished
+    if not new_tokens and not self.pending and not finished:
+      return None
+    text = None if self.answer.tokenizer is None else self.pending
+    self.pending, self.sent_tokens, self.closed = "", len(self.answer.tokens), finished
+    return StreamEvent(self.row, new_tokens, text, self.answer.finish_reason)
 
 
 def host_values(tree):
@@ -532,22 +476,3 @@ def host_values(tree):
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(get, tree)
-
-
-class _MeshContext:
-  """`jax.set_mesh(mesh)` + the logical axis rules, or nothing without a mesh."""
-
-  def __init__(self, mesh):
-    self.mesh, self._stack = mesh, []
-
-  def __enter__(self):
-    if self.mesh is not None:
-      for cm in (jax.set_mesh(self.mesh), parallel.axis_rules()):
-        cm.__enter__()
-        self._stack.append(cm)
-    return self
-
-  def __exit__(self, *exc):
-    while self._stack:
-      self._stack.pop().__exit__(*exc)
-    return False

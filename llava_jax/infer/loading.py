@@ -23,16 +23,17 @@ import numpy as np
 
 from llava_jax import parallel, recipes
 from llava_jax.config import LlavaConfig
+from llava_jax.limits import MAX_IMAGE_PIXELS
 from llava_jax.data import conversation as conv_lib
 from llava_jax.data import from_config as data_config
 from llava_jax.data.image import load_image, preprocess
 from llava_jax.data.tokenize import encode_generation_prompt, stop_token_ids
 from llava_jax.data.tokenizer import load_tokenizer
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR
 from llava_jax.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
-PARAMS_DIR = "params"  # as train/loop.py writes it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 
@@ -53,7 +54,7 @@ class InferenceModel:
   stop_token_ids: Tuple[int, ...]
   stop_strings: Tuple[str, ...]
   aspect_ratio: str = "square"
-  max_pixels: int = 89_478_485
+  max_pixels: int = MAX_IMAGE_PIXELS
   mesh: Any = None
   name: str = "llava_jax"
   source: str = ""
@@ -80,12 +81,6 @@ class InferenceModel:
                                     image_token_index=self.config.image_token_index, num_images=num_images)
 
 
-def last_stage(config):
-  """(stage name or None, the config with the last stage's overrides)."""
-  from llava_jax.train.loop import stage_configs
-  return stage_configs(config)[-1]
-
-
 def _is_orbax_dir(path: str) -> bool:
   return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _ORBAX_MARKERS)
 
@@ -96,7 +91,7 @@ def _has_tokenizer(path: str) -> bool:
 
 def resolve_checkpoint(config, workdir: Optional[str], checkpoint: Optional[str]) -> Tuple[str, str, Optional[str]]:
   """→ (kind 'pretrained' | 'params', path, run directory holding a trained tokenizer or None)."""
-  name, _ = last_stage(config)
+  name, _ = recipes.last_stage(config)
 
   def run_params(run_dir):
     return os.path.join(run_dir if name is None else os.path.join(run_dir, name), PARAMS_DIR)
@@ -149,7 +144,7 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
   mesh: 'auto' (`default_mesh`), None (default device) or a Mesh to place the params on.
   name: the model id to report (default: the checkpoint directory's name, or 'llava_jax').
   """
-  stage_name, stage = last_stage(config)
+  stage_name, stage = recipes.last_stage(config)
   model_config = recipes.llava_config(stage.model)
   if mesh == "auto":
     mesh = default_mesh(stage)
@@ -161,7 +156,7 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)
   else:
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)  # before the weights: fail fast
-    from llava_jax.checkpoints.hf import param_shardings
+    from llava_jax.models.llava import param_shardings
     from llava_jax.checkpoints.orbax_params import restore_params
     shardings = None if mesh is None else param_shardings(model_config, mesh)
     try:

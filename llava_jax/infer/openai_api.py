@@ -26,6 +26,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from llava_jax.data import conversation as conv_lib
+from llava_jax.limits import MAX_IMAGE_PIXELS
 from llava_jax.data.errors import SampleError
 from llava_jax.infer.engine import Request
 
@@ -50,7 +51,7 @@ class APIError(Exception):
 class Limits:
   """What one request may ask for. max_prompt_tokens None = the model's context minus one answer token."""
   max_request_bytes: int = 20 * 1024 * 1024
-  max_image_pixels: int = 1 << 25
+  max_image_pixels: int = MAX_IMAGE_PIXELS
   max_images: int = 4
   max_messages: int = 256
   max_prompt_tokens: Optional[int] = None

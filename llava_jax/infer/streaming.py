@@ -7,7 +7,8 @@ all: SentencePiece byte-fallback tokens are decoded a run at a time (`<0x20><0x9
 clean-up rules may drop a space before punctuation. So the streamed text stops before a trailing run of
 byte tokens, trailing U+FFFD, trailing whitespace and any suffix that could begin a stop string; what is
 held back comes with the next piece or at the end. The answer is the decoded text of the tokens without the
-stop token, cut before the first stop string, leading whitespace removed; the pieces concatenate to it.
+stop token, cut before the first stop string (leading whitespace removed when `strip`, as chat and the server
+show it; `generate` keeps it); the pieces concatenate to it. Chat, the server's engine and `generate` all use it.
 """
 from __future__ import annotations
 
@@ -53,17 +54,19 @@ def stable_text(tokenizer, answer_ids: Sequence[int], stop_strings: Sequence[str
 
 
 class AnswerStream:
-  """One answer. tokenizer: a transformers tokenizer; stop_ids: token ids that end the answer (kept in
-  `tokens`, not in the text); stop_strings: texts that end it (the tokens up to the one completing the first
-  stop are kept); max_tokens: token limit (then finish_reason 'length')."""
+  """One answer. tokenizer: a transformers tokenizer, or None (tokens and stop ids only, no text); stop_ids:
+  token ids that end the answer (kept in `tokens`, not in the text); stop_strings: texts that end it (the tokens
+  up to the one completing the first stop are kept); max_tokens: token limit (then finish_reason 'length');
+  strip: remove the answer's leading whitespace."""
 
   def __init__(self, tokenizer, stop_ids: Iterable[int] = (), stop_strings: Sequence[str] = (),
-               max_tokens: Optional[int] = None):
+               max_tokens: Optional[int] = None, *, strip: bool = True):
     self.tokenizer = tokenizer
     self.stop_ids = frozenset(int(t) for t in stop_ids)
-    self.stop_strings = tuple(s for s in stop_strings if s)
+    self.stop_strings = tuple(s for s in stop_strings if s) if tokenizer is not None else ()
     self.max_tokens = max_tokens
-    self.byte_ids = byte_token_ids(tokenizer)
+    self.strip = bool(strip)
+    self.byte_ids = byte_token_ids(tokenizer) if tokenizer is not None else frozenset()
     self.tokens: List[int] = []
     self.finish_reason: Optional[str] = None  # 'stop' | 'length' once finished
     self.sent = ""  # text handed out so far
@@ -78,7 +81,8 @@ class AnswerStream:
     return self.sent
 
   def _decode(self, ids) -> str:
-    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    return text.lstrip() if self.strip else text
 
   def _answer_ids(self, ids):
     return ids[:-1] if ids and ids[-1] in self.stop_ids else ids
@@ -101,11 +105,13 @@ class AnswerStream:
         break
     if not self.finished and self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
       self.finish_reason = "length"
-    text = self._decode(self._answer_ids(self.tokens)).lstrip()
+    if self.tokenizer is None:
+      return ""
+    text = self._decode(self._answer_ids(self.tokens))
     cut = self._first_stop(text)
     if cut >= 0:
       for k in range(max(start, 1), len(self.tokens) + 1):  # the first token completing a stop string
-        text_k = self._decode(self._answer_ids(self.tokens[:k])).lstrip()
+        text_k = self._decode(self._answer_ids(self.tokens[:k]))
         cut_k = self._first_stop(text_k)
         if cut_k >= 0:
           self.tokens, text, cut = self.tokens[:k], text_k, cut_k
@@ -121,11 +127,13 @@ class AnswerStream:
     if self.finished:
       return ""
     self.finish_reason = "length"
-    return self._take(self._decode(self._answer_ids(self.tokens)).lstrip(), final=True)
+    if self.tokenizer is None:
+      return ""
+    return self._take(self._decode(self._answer_ids(self.tokens)), final=True)
 
   def _stable_text(self) -> str:
     return stable_text(self.tokenizer, self._answer_ids(self.tokens), self.stop_strings, self.byte_ids,
-                       strip=True)
+                       strip=self.strip)
 
   def _take(self, visible: str, final: bool) -> str:
     if visible.startswith(self.sent):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from llava_jax import parallel
 from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTransformer
 from llava_jax.models.llama import KVCache, LlamaForCausalLM
@@ -30,7 +31,7 @@ def check_image_placeholders(input_ids, num_images: int, num_image_tokens: int, 
   expected = num_images * num_image_tokens
   if found != expected:
     raise ValueError(
-        f"input_ids hold {found} image placeholders (id {image_token_index}) but {num_images} image(s) give "
+        f"input_ids hold {found} image placeholders (id {image_token_index}) but {num_images} valid image(s) give "
         f"{expected} features ({num_image_tokens} per image); expand each <image> to {num_image_tokens} "
         f"placeholders and pass one image per placeholder run")
 
@@ -161,9 +162,25 @@ def init_params(config: LlavaConfig, rng: jax.Array, *, boxed: bool = False):
   return params if boxed else nn.unbox(params)
 
 
+def abstract_params(config: LlavaConfig):
+  """(ShapeDtypeStruct tree, logical PartitionSpec tree) of the model's params, without allocating them."""
+  # an abstract key: counting parameters must not start a backend (the plan's parent process only counts)
+  boxed = jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
 def logical_partition_specs(config: LlavaConfig):
   """Pytree of logical PartitionSpecs for the params (no allocation: eval_shape)."""
-  ids, pixels = dummy_inputs(config)
-  abstract = jax.eval_shape(lambda r: LlavaModel(config).init(r, ids, pixels, image_valid=jnp.zeros((1,), bool)),
-                            jax.random.key(0))
-  return nn.get_partition_spec(abstract["params"])
+  return abstract_params(config)[1]
+
+
+def param_shardings(config: LlavaConfig, mesh):
+  """Pytree of NamedShardings for the params on `mesh` (the modules' logical axes through the rule table)."""
+  return parallel.logical_to_sharding(logical_partition_specs(config), mesh)
+
+
+def sharded_abstract_params(config: LlavaConfig, mesh):
+  """The params as ShapeDtypeStructs carrying their NamedShardings on `mesh` (restore / AOT-compile targets)."""
+  shapes, logical = abstract_params(config)
+  shardings = parallel.logical_to_sharding(logical, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

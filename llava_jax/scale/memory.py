@@ -118,9 +118,8 @@ def abstract_batch(model_config, mesh, global_batch: int, seq_len: int, image_sl
   """
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from llava_jax.train.sharding import BATCH_AXES
-  spec = lambda nd: NamedSharding(mesh, P(BATCH_AXES, *([None] * (nd - 1))))
+  from llava_jax import parallel
+  spec = lambda nd: parallel.batch_sharding(mesh, nd)
   b, t = int(global_batch), int(seq_len)
   n = b if image_slots is None else int(image_slots)
   s = model_config.vision.image_size

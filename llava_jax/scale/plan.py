@@ -223,9 +223,8 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   TPU compiler; 1 reports the CPU compiler's raw numbers).
   log: called with a line per measured candidate (progress).
   """
-  import jax
   from llava_jax import recipes
-  from llava_jax.models.llava import init_params
+  from llava_jax.models.llava import abstract_params
   from llava_jax.train.state import split_params
 
   topo = get_topology(topology) if isinstance(topology, str) else topology
@@ -251,8 +250,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   mesh = resolve_mesh(tuple(config.mesh), n, gb, t.num_attention_heads, t.num_key_value_heads)
   shards = mesh[0] * mesh[1]
   freeze = tcfg.get("freeze", r"vision_tower/.*") or None
-  # an abstract key: counting parameters must not start a backend in this process (the child compiles)
-  shapes = jax.eval_shape(lambda r: init_params(model_config, r), jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
+  shapes, _ = abstract_params(model_config)  # no backend started: the child process compiles
   trainable, frozen = split_params(shapes, tcfg.trainable, freeze)
   decoder_trainable = bool(trainable.get("language_model"))
   projector_trainable = bool(trainable.get("multi_modal_projector"))

@@ -35,16 +35,6 @@ def kv_bytes_per_token(model_config) -> int:
       model_config.runtime.jnp_dtype).itemsize
 
 
-def abstract_params(model_config, mesh):
-  """The params as ShapeDtypeStructs (runtime.param_dtype) with the NamedShardings the logical rules give."""
-  import jax
-  from llava_jax import parallel
-  from llava_jax.models.llava import init_params, logical_partition_specs
-  shapes = jax.eval_shape(lambda r: init_params(model_config, r), jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
-  shardings = parallel.logical_to_sharding(logical_partition_specs(model_config), mesh)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
 @dataclasses.dataclass
 class Compiled:
   """One compiled phase and the abstract arguments it was lowered with."""
@@ -65,6 +55,7 @@ def compile_generate(model_config, mesh, *, batch: int, prompt_len: int, max_new
   import jax.numpy as jnp
   from llava_jax import parallel
   from llava_jax.infer import generate as gen
+  from llava_jax.models.llava import sharded_abstract_params
 
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch % shards:
@@ -73,13 +64,13 @@ def compile_generate(model_config, mesh, *, batch: int, prompt_len: int, max_new
   row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
   rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.replicated(mesh))
   b, t = int(batch), int(prompt_len)
-  params = abstract_params(model_config, mesh)
+  params = sharded_abstract_params(model_config, mesh)
   images = (rep((num_images, s, s, model_config.vision.num_channels), jnp.float32), rep((num_images,), jnp.bool_)) \
       if num_images else (None, None)
   prefill_args = (params, row((b, t), jnp.int32), row((b, t), jnp.int32), *images, row((b,), jnp.bool_),
                   row((b,), jnp.uint32), row((b,), jnp.int32), row((b,), jnp.float32), row((b,), jnp.float32),
                   row((b,), jnp.int32), rep((4,), jnp.int32), rep((), jnp.int32))
-  with jax.set_mesh(mesh), parallel.axis_rules():
+  with parallel.mesh_context(mesh):
     prefill = gen._prefill.lower(*prefill_args, config=model_config, max_new=int(max_new),
                                  output_scores=False).compile()
     state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
@@ -168,6 +159,7 @@ def plan_serving(model_config, devices: Sequence[Any], budget_bytes: float, *, c
                  max_checks: int = 6, probe_rows: int = 2, log=None) -> ServePlan:
   """Most rows per device whose prefill and decode fit `budget_bytes` at `context` tokens per row (see module)."""
   from llava_jax import parallel
+  from llava_jax.models.llava import sharded_abstract_params
   from llava_jax.scale.memory import _bytes_per_device
   n = len(devices)
   mesh_shape = tuple(mesh) if mesh else serve_mesh(n)
@@ -188,7 +180,7 @@ def plan_serving(model_config, devices: Sequence[Any], budget_bytes: float, *, c
           f"{_size(out.decode.total)} ({out.seconds:.0f} s)")
     return out
 
-  params = _bytes_per_device(abstract_params(model_config, m))
+  params = _bytes_per_device(sharded_abstract_params(model_config, m))
   plan = ServePlan(mesh=mesh_shape, num_devices=n, context=int(context), prompt_len=prompt_len, max_new=int(max_new),
                    budget_bytes=float(budget_bytes), params_per_device=params, kv_per_token=kv,
                    kv_per_row_per_device=kv * context / m.shape["tensor"],

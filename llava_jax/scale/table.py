@@ -9,7 +9,6 @@ compile on a CPU, so run it in the background: `nice python -m llava_jax.scale.t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -17,6 +16,8 @@ import time
 from typing import List, Optional
 
 from absl import app, flags
+
+from llava_jax import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 1024 ** 3
@@ -57,15 +58,6 @@ _SERVE_CHECKS = flags.DEFINE_integer("serve_checks", 2, "Serving: compiles after
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the tables from --out.")
 
 
-def load_config(path: str):
-  """configs/<name>.py[:arg] → its ConfigDict."""
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("recipe_" + os.path.basename(file)[:-3], os.path.join(REPO, file))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def changes(base, chosen) -> str:
   """What the search changed from the recipe (candidate → candidate), as words for the table."""
   out = []
@@ -85,7 +77,7 @@ def changes(base, chosen) -> str:
 def train_row(recipe: Recipe, slice_name: str, mfu: float) -> dict:
   from llava_jax.scale.plan import plan
   t0 = time.time()
-  p = plan(load_config(recipe.config), slice_name, recipe=recipe.config, mfu=mfu, backend="tpu",
+  p = plan(config_files.load(recipe.config), slice_name, recipe=recipe.config, mfu=mfu, backend="tpu",
            mean_tokens=recipe.mean_tokens, samples=recipe.samples, log=lambda s: print(s, flush=True))
   row = dict(kind="train", recipe=recipe.config, label=recipe.label, slice=slice_name, fits=p.fits,
              problem=p.problem, devices=p.topology.num_devices, budget=p.budget_bytes, mean_tokens=recipe.mean_tokens,
@@ -113,7 +105,7 @@ def serve_row(config_path: str, label: str, slice_name: str, context: int) -> di
   from llava_jax.scale.plan import DEFAULT_HEADROOM
   from llava_jax.scale.serve import kv_bytes_per_token, plan_serving_process
   topo = get_topology(slice_name)
-  config = load_config(config_path)
+  config = config_files.load(config_path)
   config.model.runtime.param_dtype = "bfloat16"  # served weights in bf16
   config.model.runtime.attention_impl = "chunked"  # prefill of a 4k prompt without [B, H, T, T] scores
   t0 = time.time()

@@ -19,16 +19,15 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from typing import Optional
 
 import jax
 import numpy as np
-import ml_collections
 from etils import epath
 
-from llava_jax import parallel, recipes
+from llava_jax import parallel, paths, recipes
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR
 from llava_jax.config import LlavaConfig
 from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
@@ -42,9 +41,7 @@ from llava_jax.errors import MissingFileError
 
 logger = logging.getLogger(__name__)
 
-PARAMS_DIR = "params"
 MODEL_CONFIG_KEY = "llava_config"  # the LlavaConfig actually trained, saved beside the run config
-EVAL_KINDS = ("synthetic", "scienceqa", "llava_bench")
 EVAL_REPORT = "eval_report.json"
 
 
@@ -59,32 +56,12 @@ class StageResult:
   preempted: bool = False  # stopped by SIGTERM / orbax preemption after saving a checkpoint at `steps`
 
 
-def stage_configs(config):
-  """[(name or None, config)] — one entry per stage with the stage's overrides applied."""
-  names = tuple(config.get("stages", ()) or ())
-  if not names:
-    return [(None, config)]
-  out = []
-  for name in names:
-    if name not in config:
-      raise ValueError(f"config.stages names {name!r} but config has no section {name!r}")
-    merged = ml_collections.ConfigDict(config.to_dict())
-    for section, values in config[name].items():
-      if isinstance(values, ml_collections.ConfigDict) and section in merged:
-        for k, v in values.items():
-          merged[section][k] = v
-      else:
-        merged[section] = values
-    out.append((name, merged))
-  return out
-
-
 def train_and_evaluate(config, workdir: str) -> StageResult:
   """Run every stage of `config` in `workdir`, then evaluate if `config.eval` is set (the README's main job)."""
   result = None
-  stages = stage_configs(config)
+  stages = recipes.stage_configs(config)
   for i, (name, stage_config) in enumerate(stages):
-    stage_dir = workdir if name is None else _join(workdir, name)
+    stage_dir = workdir if name is None else paths.join(workdir, name)
     if i > 0:
       stage_config.init.from_workdir = result.workdir
     _say(f"=== {name or 'train'}: {stage_dir}")
@@ -116,9 +93,9 @@ def initial_params(config, model_config: LlavaConfig, mesh):
   """
   init = config.init
   if init.from_workdir:
-    from llava_jax.checkpoints.hf import param_shardings
+    from llava_jax.models.llava import param_shardings
     from llava_jax.checkpoints.orbax_params import restore_params
-    path = _join(init.from_workdir, PARAMS_DIR)
+    path = paths.join(init.from_workdir, PARAMS_DIR)
     if not epath.Path(path).is_dir():
       raise MissingFileError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
     shardings = param_shardings(model_config, mesh)
@@ -185,7 +162,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
     was_preempted = last_step < steps and (preempted.is_set() or ckpt.reached_preemption(last_step))
     if last_step >= steps:
       from llava_jax.checkpoints.orbax_params import save_params
-      save_params(_join(workdir, PARAMS_DIR), state.full_params())
+      save_params(paths.join(workdir, PARAMS_DIR), state.full_params())
   finally:
     preempted.uninstall()
     ckpt.close()
@@ -266,45 +243,3 @@ def _say(text: str) -> None:
   """User-facing progress lines (process 0 only)."""
   if jax.process_index() == 0:
     print(text, flush=True)
-
-
-def _join(path, *parts) -> str:
-  """`path`/parts as a string, for local paths and URLs alike (os.path would not do for gs://)."""
-  return os.fspath(epath.Path(path).joinpath(*parts))
-
-
-def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) -> dict:
-  """`--mode=eval`: score a finished run's params (its last stage's `params/`, or --checkpoint = a params dir
-  or a pretrained checkpoint directory) on `config.eval`, by `config.eval.kind`:
-  'synthetic' (default; the demo's held-out questions, eval/synthetic.py), 'scienceqa' (eval/scienceqa.py) or
-  'llava_bench' (eval/llava_bench.py)."""
-  if config.get("eval") is None:
-    raise ValueError("this config has no `eval` section; --mode=eval needs one (see configs/demo.py)")
-  kind = config.eval.get("kind", "synthetic") or "synthetic"
-  if kind not in EVAL_KINDS:
-    raise ValueError(f"config.eval.kind={kind!r}; choose one of {EVAL_KINDS}")
-  stages = stage_configs(config)
-  name, last = stages[-1]
-  if kind != "synthetic":
-    from llava_jax.infer.loading import load_for_inference
-    model = load_for_inference(config, workdir=workdir, checkpoint=checkpoint)
-    if kind == "scienceqa":
-      from llava_jax.eval.scienceqa import evaluate_scienceqa as run
-    else:
-      from llava_jax.eval.llava_bench import evaluate_llava_bench as run
-    return run(last, model.config, model.params, model.tokenizer, workdir=workdir, mesh=model.mesh)
-  mesh = parallel.make_mesh(tuple(config.mesh))
-  model_config = recipes.llava_config(last.model)
-  path = checkpoint or _join(workdir if name is None else _join(workdir, name), PARAMS_DIR)
-  if (epath.Path(path) / "config.json").exists():
-    from llava_jax.checkpoints.hf import load_pretrained
-    model_config, params = load_pretrained(path, runtime=model_config.runtime, mesh=mesh)
-  else:
-    from llava_jax.checkpoints.hf import param_shardings
-    from llava_jax.checkpoints.orbax_params import restore_params
-    if not epath.Path(path).is_dir():
-      raise MissingFileError(f"no params at {path}: train first, or pass --checkpoint")
-    params = restore_params(path, param_shardings(model_config, mesh))
-  tokenizer = data_config.build_tokenizer(last, model_config, workdir)
-  from llava_jax.eval.synthetic import evaluate_synthetic
-  return evaluate_synthetic(config, model_config, params, tokenizer, mesh=mesh)

@@ -21,15 +21,13 @@ from typing import Any, Iterable, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from flax import struct, traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from llava_jax import parallel
 from llava_jax.config import LlavaConfig
 from llava_jax.models import lora
-from llava_jax.models.llava import init_params
-from llava_jax.train import sharding as shd
+from llava_jax.models.llava import init_params, sharded_abstract_params
 
 Patterns = Union[str, Iterable[str]]
 
@@ -138,15 +136,12 @@ def abstract_train_state(config: LlavaConfig, optimizer, mesh: Mesh, *, trainabl
 
   This is the restore target for orbax (onto any mesh) and the source of the step's in/out shardings.
   """
-  boxed = jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.PRNGKey(0))
-  shapes = nn.unbox(boxed)
-  shardings = shd.param_shardings(nn.get_partition_spec(boxed), mesh)
-  with_sh = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  with_sh = sharded_abstract_params(config, mesh)
   trainable, frozen = split_params(with_sh, trainable_patterns, freeze)
   opt_shapes = jax.eval_shape(optimizer.init, trainable)
-  opt_sh = shd.mirror_param_shardings(opt_shapes, trainable, jax.tree.map(lambda x: x.sharding, trainable), mesh)
+  opt_sh = parallel.mirror_param_shardings(opt_shapes, trainable, jax.tree.map(lambda x: x.sharding, trainable), mesh)
   opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes, opt_sh)
-  rep = NamedSharding(mesh, P())
+  rep = parallel.replicated(mesh)
   return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=trainable, frozen=frozen,
                     opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
 
@@ -191,7 +186,7 @@ def create_train_state(config: LlavaConfig, optimizer, mesh: Mesh, rng, *, train
   sh = state_shardings(abstract)
   full_sh = merge_params(sh.params, sh.frozen)
   init_key, state_key = jax.random.split(_raw_key(rng))
-  with jax.set_mesh(mesh), parallel.axis_rules():
+  with parallel.mesh_context(mesh):
     if params is None:
       params = jax.jit(lambda r: init_params(config, r), out_shardings=full_sh)(init_key)
     else:
@@ -211,6 +206,6 @@ def create_train_state(config: LlavaConfig, optimizer, mesh: Mesh, rng, *, train
         params = jax.jit(lambda p: jax.tree.map(lambda x, d: x.astype(d), p, dtypes), out_shardings=full_sh)(params)
     trainable, frozen = split_params(params, trainable_patterns, freeze)
     opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
-  rep = NamedSharding(mesh, P())
+  rep = parallel.replicated(mesh)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=trainable, frozen=frozen,
                     opt_state=opt_state, rng=jax.device_put(state_key, rep))

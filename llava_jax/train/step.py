@@ -46,13 +46,13 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import parallel
 from llava_jax.config import LlavaConfig
-from llava_jax.models.llava import LlavaModel
-from llava_jax.train import sharding as shd
+from llava_jax.models.llava import LlavaModel, check_image_placeholders
 from llava_jax.train.optim import Optimizer, global_norm
 from llava_jax.train.state import TrainState, has_trainable_under, merge_params
 
@@ -205,7 +205,7 @@ def _loss_head_impl(logits_fn, head, hidden, targets, weights, cap: int, chunk: 
   def compact(head, hidden, targets, weights):
     idx = jax.vmap(lambda w: jnp.nonzero(w, size=cap, fill_value=t - 1)[0])(weights).astype(jnp.int32)
     take = jax.vmap(lambda row, i: row[i])  # per row: [T, ...] gathered at [cap] → [cap, ...]
-    h_sel = jax.lax.with_sharding_constraint(take(hidden, idx), P(shd.BATCH_AXES))
+    h_sel = jax.lax.with_sharding_constraint(take(hidden, idx), P(parallel.BATCH_AXES))
     out = _positions_stats(logits_fn, head, h_sel, take(targets, idx), take(weights, idx), chunk, grads,
                            head_grad)
     out = (*out[:2], f32(b * cap), *out[2:])
@@ -213,7 +213,7 @@ def _loss_head_impl(logits_fn, head, hidden, targets, weights, cap: int, chunk: 
       return out
     d_sel = out[-1]
     d_h = jax.vmap(lambda z, i, g: z.at[i].add(g))(jnp.zeros_like(hidden), idx, d_sel)
-    return (*out[:-1], jax.lax.with_sharding_constraint(d_h, P(shd.BATCH_AXES)))
+    return (*out[:-1], jax.lax.with_sharding_constraint(d_h, P(parallel.BATCH_AXES)))
 
   fits = jnp.max(jnp.sum(weights.astype(jnp.int32), axis=1)) <= cap
   return jax.lax.cond(fits, compact, full, head, hidden, targets, weights)
@@ -278,7 +278,7 @@ def _decode_hidden(config: LlavaConfig, params, mb: Mapping[str, jax.Array],
     embeds = m.embed_text(mb["input_ids"])
     if vis_flat is not None:
       tok = jnp.take(vis_flat, mb["feat_index"], axis=0)  # [b, T, Dv]: the feature each placeholder reads
-      tok = jax.lax.with_sharding_constraint(tok, P(shd.BATCH_AXES))
+      tok = jax.lax.with_sharding_constraint(tok, P(parallel.BATCH_AXES))
       proj = m.multi_modal_projector(tok).astype(embeds.dtype)
       embeds = jnp.where(mb["is_image"][..., None], proj, embeds)
     return m.decode(embeds, mb["positions"], mb["segment_ids"], return_hidden=True)
@@ -337,7 +337,7 @@ def _prepare(config: LlavaConfig, batch: Mapping[str, jax.Array], k: int, mesh: 
   if has_images:
     total = px.shape[0] * config.num_image_tokens
     mb["feat_index"] = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, total - 1).reshape(b, t).astype(jnp.int32)
-  spec = NamedSharding(mesh, P(None, shd.BATCH_AXES))
+  spec = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
   mb = {name: jax.lax.with_sharding_constraint(split_micro_batches(x, k), spec) for name, x in mb.items()}
   return mb, jnp.sum(weights.astype(jnp.int32)), jnp.sum((seg != 0).astype(jnp.int32)), has_images
 
@@ -351,7 +351,7 @@ def _image_features(config: LlavaConfig, params, batch, mesh: Mesh) -> jax.Array
     order = jnp.argsort(jnp.logical_not(valid.astype(bool)), stable=True)
     feats = jnp.take(feats, order, axis=0)
   flat = feats.reshape(-1, feats.shape[-1])
-  return jax.lax.with_sharding_constraint(flat, NamedSharding(mesh, P()))
+  return jax.lax.with_sharding_constraint(flat, parallel.replicated(mesh))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,7 +443,9 @@ def _select_batch(config: LlavaConfig, batch: Mapping[str, Any]) -> Dict[str, An
     raise ValueError(f"batch lacks {missing}; it needs input_ids [B, T] and loss_mask [B, T] (see make_train_step)")
   out = {k: batch[k] for k in BATCH_KEYS if k in batch and batch[k] is not None}
   if not isinstance(out["input_ids"], jax.Array):  # per-host numpy: check before it disappears into jit
-    shd.check_image_slots(out, config.num_image_tokens, config.image_token_index)
+    px, valid = out.get("pixel_values"), out.get("image_valid")
+    n_valid = 0 if px is None else int(np.shape(px)[0]) if valid is None else int(np.sum(np.asarray(valid)))
+    check_image_placeholders(np.asarray(out["input_ids"]), n_valid, config.num_image_tokens, config.image_token_index)
   return out
 
 
@@ -460,7 +462,7 @@ class _JittedStep:
 
   def _build(self, state):
     sh = self._state_shardings or jax.tree.map(lambda x: x.sharding, state)
-    rep = NamedSharding(self._mesh, P())
+    rep = parallel.replicated(self._mesh)
     out = (sh, rep) if self._donate else rep
     # Inputs keep the shardings they carry (state: as created / restored; batch: from shard_batch); outputs
     # are pinned so the new state has exactly the old state's layout.
@@ -471,14 +473,14 @@ class _JittedStep:
     if batch and all(isinstance(x, jax.ShapeDtypeStruct) for x in batch.values()):
       batch = {k: batch[k] for k in BATCH_KEYS if k in batch}  # abstract global batch (ahead-of-time lowering)
     else:
-      batch = shd.shard_batch(_select_batch(self._config, batch), self._mesh, micro_batches=self._k)
+      batch = parallel.shard_batch(_select_batch(self._config, batch), self._mesh, micro_batches=self._k)
     if self._jitted is None:
       self._build(state)
     return batch
 
   def __call__(self, state: TrainState, batch: Mapping[str, Any]):
     batch = self._prepare(state, batch)
-    with jax.set_mesh(self._mesh), parallel.axis_rules():
+    with parallel.mesh_context(self._mesh):
       return self._jitted(state, batch)
 
   def lower(self, state: TrainState, batch: Mapping[str, Any]):
@@ -486,7 +488,7 @@ class _JittedStep:
     may be `jax.ShapeDtypeStruct`s carrying their global shapes and NamedShardings (nothing allocated, e.g.
     `abstract_train_state` and `llava_jax.scale.memory.abstract_batch`)."""
     batch = self._prepare(state, batch)
-    with jax.set_mesh(self._mesh), parallel.axis_rules():
+    with parallel.mesh_context(self._mesh):
       return self._jitted.lower(state, batch)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from llava_jax import LlavaConfig, export_hf, load_pretrained
 from llava_jax.config import RopeScaling, RuntimeOptions, TextConfig, VisionConfig
-from llava_jax.checkpoints.hf import abstract_params
+from llava_jax.models.llava import abstract_params
 from tests.fixtures import hf_checkpoints as H
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax import LlavaConfig, export_hf, load_pretrained
-from llava_jax.checkpoints.hf import abstract_params
+from llava_jax.models.llava import abstract_params
 from llava_jax.config import TextConfig, VisionConfig
 from tests.fixtures import hf_checkpoints as H
 

@@ -1,5 +1,5 @@
-"""Templates render exactly the reference's strings (REFERENCE.md "Conversation templates", original LLaVA
-llava/conversation.py); the registry; turn validation with reasons."""
+"""Templates render exactly the reference's strings (the original LLaVA's llava/conversation.py, its
+`get_prompt`); the registry; turn validation with reasons."""
 import pytest
 
 from llava_jax.data import conversation as C

@@ -10,7 +10,6 @@ Inspect and training use the same decision (a 2-image row near the length limit)
 """
 import contextlib
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from llava_jax.data import pipeline
 from llava_jax.data.errors import REASONS, SampleError
 from llava_jax.data.sources import LlavaJsonSource
 from tests.data.test_pipeline import _kw, _save_png, _turns, check_batch, drain, flat
+from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPARSE_BYTES = 1 << 28  # a sparse file above the default max_image_bytes (128 MiB); takes no disk space
@@ -288,10 +288,7 @@ def test_inspect_reports_every_hostile_row_with_its_line(files, tiny_tokenizer, 
 
 
 def _tiny_config(tokenizer_dir, json_path, image_root):
-  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = fixtures.load_config("tiny")
   config.data.source = "llava_json"
   config.data.json_path = json_path
   config.data.image_root = image_root

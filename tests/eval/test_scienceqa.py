@@ -302,7 +302,7 @@ def test_mode_eval_end_to_end_with_a_tiny_model(sqa_root, tmp_path, tiny_tokeniz
   from llava_jax import recipes
   from llava_jax.data import conversation, image as image_lib
   from llava_jax.infer import generate as gen_lib
-  from llava_jax.train.loop import evaluate_checkpoint
+  from llava_jax.eval.run import evaluate_checkpoint
 
   config = _tiny_config(sqa_root, tiny_tokenizer_dir, split="test", prompt_format="CQM-A",
                         answer_suffix=sqa.ANSWER_SUFFIX, max_new_tokens=6, batch_size=5)
@@ -368,7 +368,7 @@ def test_mode_eval_end_to_end_with_a_tiny_model(sqa_root, tmp_path, tiny_tokeniz
 
 
 def test_mode_eval_rejects_an_unknown_kind(sqa_root, tiny_tokenizer_dir, tmp_path):
-  from llava_jax.train.loop import evaluate_checkpoint
+  from llava_jax.eval.run import evaluate_checkpoint
   config = _tiny_config(sqa_root, tiny_tokenizer_dir)
   config.eval.kind = "mmbench"
   with pytest.raises(ValueError, match="choose one of"):

@@ -2,7 +2,6 @@
 renders for the same conversation (vicuna_v1 `get_prompt`, `tokenizer_image_token`, CLIP processor pixels),
 through a piped subprocess; a finished training workdir loads onto a mesh; streamed pieces never need taking
 back even where decoding a prefix is not a prefix of the full decode (byte-fallback runs)."""
-import importlib.util
 import io
 import os
 import subprocess
@@ -12,16 +11,14 @@ import pytest
 
 from llava_jax.infer.streaming import AnswerStream
 from tests.fixtures import chat as cf
+from llava_jax import config_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_NEW = 12
 
 
 def _config(path="configs/tiny.py"):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.load(os.path.join(ROOT, path))
 
 
 @pytest.fixture(scope="module")

@@ -307,19 +307,18 @@ def test_bad_inputs_are_clear_errors(tiny_tokenizer):
 def test_streamed_text_is_never_taken_back_on_byte_fallback(tiny_tokenizer):
   """`<0x20>` alone decodes to a space but `<0x20><0x92>` decodes as two U+FFFD (a byte run decodes as a
   whole): the stream must hold a byte run back until it ends, and the pieces concatenate to the final text."""
-  from llava_jax.infer.generate import _Row
+  from llava_jax.infer.streaming import AnswerStream
   vocab = tiny_tokenizer.get_vocab()
   word = tiny_tokenizer("the answer", add_special_tokens=False).input_ids
   tokens = (word + [vocab["<0x20>"], vocab["<0x92>"]] + word + [vocab["<0xC3>"], vocab["<0xA9>"]]
             + [vocab["<0xE6>"], vocab["<0x97>"], vocab["<0xA5>"]])
-  row = _Row(0, [tiny_tokenizer.eos_token_id], (), tiny_tokenizer)
+  row = AnswerStream(tiny_tokenizer, [tiny_tokenizer.eos_token_id], strip=False)  # as generate() uses it
   pieces = []
   for tok in tokens + [tiny_tokenizer.eos_token_id]:
-    row.add([tok])
-    event = row.event()
-    if event is not None and event.text:
-      pieces.append(event.text)
-  assert row.reason == "stop"
+    piece = row.add([tok])
+    if piece:
+      pieces.append(piece)
+  assert row.finish_reason == "stop"
   assert "".join(pieces) == row.text == tiny_tokenizer.decode(tokens, skip_special_tokens=True)
   assert "é" in row.text and "日" in row.text
 

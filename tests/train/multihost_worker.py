@@ -15,7 +15,6 @@ to compare across processes:
                                  process saved a different one ({"host": I})
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -61,10 +60,8 @@ def main(argv):
 
   loop.metrics_lib.MetricsWriter = PerProcessWriter
 
-  spec = importlib.util.spec_from_file_location("configs_tiny", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llava_jax import config_files
+  config = config_files.load(os.path.join(REPO, "configs", "tiny.py"))
   config.mesh = (jax.device_count(), 1, 1)
   config.train.num_steps = args.steps
   config.train.warmup_ratio = 0.0

@@ -4,7 +4,6 @@ saves and exits cleanly on SIGTERM and a rerun resumes, and the demo recipe lear
 
 Every run here uses 8 simulated CPU devices (tests/conftest.py) and a tokenizer trained once per module.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from llava_jax.train.metrics import read_metrics
 from llava_jax.train.optim import optimizer_from_config
 from llava_jax.train.state import abstract_train_state, state_shardings
 from llava_jax.train.step import make_train_step
+from tests.fixtures import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_STEPS, PREEMPT_AT = 6, 3
@@ -34,14 +34,6 @@ EX_TEMPFAIL = 75  # sysexits.h "temporary failure, try again": what a preempted 
 # metrics that must repeat exactly on a resumed run (timings and MFU are wall-clock)
 DETERMINISTIC = ("loss", "loss_sum", "grad_norm", "accuracy", "correct", "tokens", "input_tokens",
                  "learning_rate", "data/samples", "data/batches")
-
-
-def load_config(name: str):
-  """configs/<name>.py's get_config(), loaded by path (as ml_collections' config_flags does)."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def tiny_config(**train):

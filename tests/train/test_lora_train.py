@@ -2,7 +2,6 @@
 PEFT model with the same adapter, backward, then torch.optim.AdamW with the reference's two learning rates);
 an 8-device sharded LoRA step (with dropout) equals the single-device one; a tiny two-stage run (full stage,
 then LoRA from its params) learns and leaves the base weights untouched."""
-import importlib.util
 import os
 
 import numpy as np
@@ -162,10 +161,7 @@ def test_sharded_lora_step_with_dropout_equals_single_device(setup):
 
 
 def load_tiny(arg=""):
-  spec = importlib.util.spec_from_file_location("configs_tiny", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return fixtures.load_config("tiny", arg or None)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ the length changes from step to step.
 Preemption: SIGTERM reaches process 0 first and process 1 a second later (as on a pod, never at the same
 step); jax's preemption sync manager makes both stop, save and exit cleanly at the same step.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -32,6 +31,7 @@ from llava_jax import recipes
 from llava_jax.data import from_config as data_config
 from llava_jax.train import loop
 from llava_jax.train.metrics import read_metrics
+from tests.fixtures import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
@@ -41,13 +41,6 @@ SIGNAL_SKEW_S = 1.0
 BUCKETS = (136, 138, 140, 142, 144, 160)
 DETERMINISTIC = ("loss", "loss_sum", "grad_norm", "accuracy", "correct", "tokens", "input_tokens",
                  "learning_rate", "data/row_length")
-
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def free_port() -> int:

@@ -16,9 +16,8 @@ from flax import traverse_util
 
 from llava_jax import parallel
 from llava_jax.train import optim
-from llava_jax.train import sharding as shd
 from llava_jax.train.state import create_train_state, split_params
-from llava_jax.train.step import loss_row_budget, make_eval_step, make_train_step, next_token_targets, token_stats
+from llava_jax.train.step import _select_batch, loss_row_budget, make_eval_step, make_train_step, next_token_targets, token_stats
 from tests import fixtures
 
 STAGE1 = r"multi_modal_projector/.*"
@@ -277,15 +276,14 @@ def test_mesh_and_batch_errors_say_what_to_change(setup):
   mesh = parallel.make_mesh((8, 1, 1))
   batch = setup.batches[0]
   with pytest.raises(ValueError, match=r"global_batch_size a multiple of 8 "):
-    shd.shard_batch({k: v[:12] for k, v in batch.items() if k not in ("pixel_values", "image_valid")}, mesh)
+    parallel.shard_batch({k: v[:12] for k, v in batch.items() if k not in ("pixel_values", "image_valid")}, mesh)
   with pytest.raises(ValueError, match=r"multiple of 32 \(= data·fsdp·micro_batches\)"):
-    shd.shard_batch(batch, mesh, micro_batches=4)
+    parallel.shard_batch(batch, mesh, micro_batches=4)
   with pytest.raises(ValueError, match=r"6 image slots.*multiple of 8"):
-    shd.shard_batch(dict(batch, pixel_values=batch["pixel_values"][:6], image_valid=IMAGE_VALID[:6]), mesh)
+    parallel.shard_batch(dict(batch, pixel_values=batch["pixel_values"][:6], image_valid=IMAGE_VALID[:6]), mesh)
   with pytest.raises(ValueError, match=r"96 image placeholders.*5 valid image"):
-    shd.check_image_slots(dict(batch, image_valid=IMAGE_VALID & (np.arange(8) != 0)),
-                          setup.config.num_image_tokens, setup.config.image_token_index)
-  shd.check_image_slots(batch, setup.config.num_image_tokens, setup.config.image_token_index)
+    _select_batch(setup.config, dict(batch, image_valid=IMAGE_VALID & (np.arange(8) != 0)))
+  _select_batch(setup.config, batch)
 
 
 # ---------------------------------------------------------------------------------------------------------
