@@ -63,7 +63,7 @@ def generate_checkpoint(p: common.Preset, out_dir: str, seed: int = 0) -> dict:
   config = LlavaConfig(vision=vision_config_from_hf(c["vision"]), text=text_config_from_hf(c["text"]),
                        image_token_index=c["image_token_index"])
   specs = llava_hf_key_specs(config)  # the hub layout of released llava-hf checkpoints
-  from llava_jax.checkpoints.hf import abstract_params
+  from llava_jax.models.llava import abstract_params
   from llava_jax.checkpoints.table import get_in
   shapes, _ = abstract_params(config.with_runtime(scan_layers=False))
   rng = np.random.default_rng(seed)
