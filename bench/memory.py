@@ -57,7 +57,8 @@ def generate_checkpoint(p: common.Preset, out_dir: str, seed: int = 0) -> dict:
   """Random float32 llava-hf checkpoint for the preset's big config, sharded; returns sizes."""
   from llava_jax.checkpoints.export import llava_hf_key_specs, write_safetensors
   from llava_jax.checkpoints.table import conv_to_torch, transpose
-  from llava_jax.config import LlavaConfig, text_config_from_hf, vision_config_from_hf
+  from llava_jax.checkpoints.hf_configs import text_config_from_hf, vision_config_from_hf
+  from llava_jax.config import LlavaConfig
   os.makedirs(out_dir, exist_ok=True)
   c = common.hf_config_dict(p, big=True)
   config = LlavaConfig(vision=vision_config_from_hf(c["vision"]), text=text_config_from_hf(c["text"]),

@@ -47,7 +47,7 @@ def get_config(arg: str = ""):
   c.stage2 = ml_collections.ConfigDict(dict(
       data=dict(synthetic_caption=False, synthetic_multi_turn=True, synthetic_max_turns=6, template="vicuna_v1"),
       train=dict(trainable=r.STAGE2_TRAINABLE, learning_rate=2e-3, num_steps=600)))
-  c.eval = ml_collections.ConfigDict(dict(synthetic_samples=400, seed=987654, batch_size=32))
+  c.eval = r.synthetic_eval_section(synthetic_samples=400, seed=987654, batch_size=32)
   if arg == "lora":
     runtime = dict(c.model.runtime.to_dict(), lora=r.lora_section(rank=32, alpha=64.0))  # stages replace a whole
     c.stage2.model = ml_collections.ConfigDict(dict(runtime=runtime))                    # model field

@@ -12,7 +12,6 @@ with published ones only with the reference's judge model (gpt-4-0314, retired) 
 with every number (docs/evaluation.md). Answers as scripts/v1_5/eval/llavabench.sh: greedy, 1024 new tokens.
 """
 from llava_jax import recipes as r
-from llava_jax.eval.llava_bench import eval_config
 
 
 def get_config(size: str = "7b"):
@@ -22,5 +21,5 @@ def get_config(size: str = "7b"):
       data=r.data_section(source="llava_json", template="vicuna_v1", image_aspect_ratio="pad"),
       train=r.train_section(),
       mesh=(1, -1, 1))
-  c.eval = eval_config()
+  c.eval = r.llava_bench_eval_section()
   return c

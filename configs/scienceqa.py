@@ -4,7 +4,6 @@ with data.scienceqa_root pointing at the raw release (problems.json, pid_splits.
 `--mode=eval` then answers the test split in the training format (reasoning, then "The answer is X.") and
 prints Table 7; `--config.eval.judge_ensemble=True --judge_model=...` adds the paper's judge ensemble."""
 from llava_jax import recipes as r
-from llava_jax.eval.scienceqa import eval_config
 
 
 def get_config(size: str = "13b"):
@@ -15,5 +14,5 @@ def get_config(size: str = "13b"):
       train=r.train_section(trainable=r.STAGE2_TRAINABLE, global_batch_size=128, learning_rate=2e-5,
                             num_epochs=12.0),
       mesh=(1, -1, 1))
-  c.eval = eval_config(split="test", max_new_tokens=1024)
+  c.eval = r.scienceqa_eval_section(split="test", max_new_tokens=1024)
   return c

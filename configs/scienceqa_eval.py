@@ -14,7 +14,7 @@ pass, and its sampling at temperature 0.2 (we decode greedily); the April 2023 s
     --checkpoint=/models/llava-v1.5-7b --config.data.scienceqa_root=/data/scienceqa [--workdir=runs/sqa]
 """
 from llava_jax import recipes as r
-from llava_jax.eval.scienceqa import ANSWER_SUFFIX, eval_config
+from llava_jax.eval.scienceqa import ANSWER_SUFFIX
 
 
 def get_config(size: str = "7b"):
@@ -25,8 +25,8 @@ def get_config(size: str = "7b"):
         data=r.data_section(source="scienceqa", template="llava_v0", split="test", image_aspect_ratio="square"),
         train=r.train_section(),
         mesh=(1, -1, 1))
-    c.eval = eval_config(split="test", prompt_format="QCM-LEA", answer_suffix="", template="llava_v0",
-                         max_new_tokens=1024)
+    c.eval = r.scienceqa_eval_section(split="test", prompt_format="QCM-LEA", answer_suffix="",
+                                      template="llava_v0", max_new_tokens=1024)
     return c
   c = r.base_config(
       model=r.model_section(r.clip_vit_l14(336), r.vicuna(size), "mlp2x_gelu"),
@@ -34,6 +34,6 @@ def get_config(size: str = "7b"):
       data=r.data_section(source="scienceqa", template="vicuna_v1", split="test", image_aspect_ratio="pad"),
       train=r.train_section(),
       mesh=(1, -1, 1))
-  c.eval = eval_config(split="test", prompt_format="CQM-A", answer_suffix=ANSWER_SUFFIX, template="vicuna_v1",
-                       max_new_tokens=1024)
+  c.eval = r.scienceqa_eval_section(split="test", prompt_format="CQM-A", answer_suffix=ANSWER_SUFFIX,
+                                    template="vicuna_v1", max_new_tokens=1024)
   return c

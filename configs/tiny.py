@@ -4,7 +4,6 @@ The tokenizer is a SentencePiece BPE trained on the synthetic texts (vocab_size 
 the image placeholder, as llava-hf appends `<image>` after the LLaMA vocabulary.
 `--config=configs/tiny.py:lora`: the LoRA variant (rank 4 adapters on the decoder, projector at its own rate).
 """
-import ml_collections
 
 from llava_jax import recipes as r
 
@@ -26,7 +25,7 @@ def get_config(arg: str = ""):
       train=r.train_section(trainable=r.STAGE2_TRAINABLE, global_batch_size=8, learning_rate=1e-3,
                             warmup_ratio=0.1, num_steps=4, log_every=1, checkpoint_every=2, keep_checkpoints=2),
       mesh=(-1, 1, 1))
-  c.eval = ml_collections.ConfigDict(dict(synthetic_samples=16, seed=12345, batch_size=8))
+  c.eval = r.synthetic_eval_section(synthetic_samples=16, seed=12345, batch_size=8)
   c.stages = ()
   if arg == "lora":
     r.with_lora(c, mm_projector_lr=3e-4, rank=4, alpha=8.0, dropout=0.05)

@@ -229,43 +229,5 @@ def projector_depth(projector_type: str) -> int:
   raise ValueError(f"projector_type={projector_type!r}; expected {PROJECTOR_TYPES_DOC}")
 
 
-def _pick(d: dict, cls, renames: dict | None = None) -> dict:
-  renames = renames or {}
-  names = {f.name for f in dataclasses.fields(cls)}
-  out = {}
-  for k, v in d.items():
-    k = renames.get(k, k)
-    if k in names and v is not None:
-      out[k] = v
-  return out
-
-
-def vision_config_from_hf(d: dict) -> VisionConfig:
-  """HF CLIPVisionConfig dict (or a CLIPConfig dict holding `vision_config`) → VisionConfig."""
-  if "vision_config" in d:
-    d = d["vision_config"]
-  return VisionConfig(**_pick(d, VisionConfig))
-
-
-def text_config_from_hf(d: dict) -> TextConfig:
-  """HF LlamaConfig dict → TextConfig. Rope scaling other than 'llama3' (or none) is rejected clearly."""
-  kw = _pick(d, TextConfig)
-  kw.pop("rope_scaling", None)
-  rs = d.get("rope_scaling") or d.get("rope_parameters")
-  if isinstance(rs, dict):
-    rope_type = rs.get("rope_type", rs.get("type", "default"))
-    if "rope_theta" in rs and "rope_theta" not in d:
-      kw["rope_theta"] = float(rs["rope_theta"])
-    if rope_type == "llama3":
-      kw["rope_scaling"] = RopeScaling(**_pick(rs, RopeScaling))
-    elif rope_type not in ("default", None):
-      raise ValueError(f"rope scaling type {rope_type!r} is not supported (only 'llama3' or none)")
-  if isinstance(kw.get("eos_token_id"), list):
-    kw["eos_token_id"] = kw["eos_token_id"][0]
-  if d.get("attention_bias") or d.get("mlp_bias"):
-    raise ValueError("LLaMA configs with attention_bias/mlp_bias are not supported")
-  return TextConfig(**kw)
-
-
 def dtype_name(dtype: Any) -> str:
   return jnp.dtype(dtype).name

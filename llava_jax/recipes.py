@@ -17,12 +17,13 @@ import dataclasses
 
 import ml_collections
 
-from llava_jax import limits
+from llava_jax import limits, openai_client
 
 from llava_jax.config import LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
 
 STAGE1_TRAINABLE = r"multi_modal_projector/.*"
 STAGE2_TRAINABLE = r"multi_modal_projector/.*|language_model/.*"
+VISION_TOWER = r"vision_tower/.*"  # train.freeze's default: LLaVA never trains CLIP
 LORA_TRAINABLE = r"multi_modal_projector/.*|.*/lora_(a|b)"  # LoRA fine-tuning: adapters + the projector
 
 
@@ -94,10 +95,10 @@ def init_section(**kw) -> ml_collections.ConfigDict:
 def data_section(**kw) -> ml_collections.ConfigDict:
   d = dict(
       source="llava_json",        # llava_json | scienceqa | synthetic | tfds
-      json_path="", image_root="", scienceqa_root="", split="train",
+      json_path="", image_root="", scienceqa_root="", scienceqa_format="QCM-LEA", split="train",
       tfds_name="", tfds_data_dir="", tfds_adapter="",
-      synthetic_samples=0, synthetic_caption=False, synthetic_multi_turn=False, synthetic_max_turns=3,
-      synthetic_caption_positions=False,
+      synthetic_samples=0, synthetic_seed=0, synthetic_caption=False, synthetic_multi_turn=False,
+      synthetic_max_turns=3, synthetic_caption_positions=False,
       tokenizer="",               # directory with tokenizer files ('' = the language model's dir)
       template="vicuna_v1",
       image_aspect_ratio="square",  # square | pad
@@ -109,6 +110,7 @@ def data_section(**kw) -> ml_collections.ConfigDict:
       strict=False,
       max_pixels=limits.MAX_IMAGE_PIXELS,
       max_image_bytes=limits.MAX_IMAGE_BYTES,  # larger image files: skipped ('unreadable_image') unread
+      max_images_per_sample=1,
   )
   d.update(kw)
   return ml_collections.ConfigDict(d)
@@ -117,7 +119,7 @@ def data_section(**kw) -> ml_collections.ConfigDict:
 def train_section(**kw) -> ml_collections.ConfigDict:
   d = dict(
       trainable=STAGE2_TRAINABLE,
-      freeze=r"vision_tower/.*",  # never trained whatever `trainable` says (LLaVA freezes CLIP); '' = none
+      freeze=VISION_TOWER,  # never trained whatever `trainable` says (LLaVA freezes CLIP); '' = none
       global_batch_size=128, micro_batches=1,
       learning_rate=2e-5, mm_projector_lr=0.0,  # > 0: the projector's own peak rate (LoRA recipes)
       warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
@@ -127,6 +129,46 @@ def train_section(**kw) -> ml_collections.ConfigDict:
       chunked_loss=False,
   )
   d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def synthetic_eval_section(**overrides) -> ml_collections.ConfigDict:
+  """The `eval` section for the synthetic shapes task (eval/synthetic.py; the demo's held-out questions), also run
+  at the end of training when synthetic_samples > 0. Fields: kind 'synthetic'; synthetic_samples (0 = none);
+  seed (of the held-out questions: not the training data's); batch_size; template ('' = data.template)."""
+  d = dict(kind="synthetic", synthetic_samples=0, seed=0, batch_size=8, template="")
+  d.update(overrides)
+  return ml_collections.ConfigDict(d)
+
+
+def scienceqa_eval_section(**overrides) -> ml_collections.ConfigDict:
+  """The `eval` section for ScienceQA (eval/scienceqa.py; configs/scienceqa.py). Fields:
+  kind 'scienceqa'; split ('test'); prompt_format ('' = data.scienceqa_format; v1.5 used 'CQM-A'); answer_suffix ('' or ANSWER_SUFFIX for v1.5); template ('' = data.template); batch_size;
+  max_new_tokens; parse_rules ('v1.5' | 'latest', see parse_answer); limit (0 = the whole split); out_dir
+  ('' = <workdir>/eval/scienceqa_<split>); model_id (written in the predictions); judge_ensemble (bool); judge
+  (openai_client.judge_settings(): base_url, model, ... — the key comes from the environment).
+  """
+  d = dict(kind="scienceqa", split="test", prompt_format="", answer_suffix="", template="", batch_size=8,
+           max_new_tokens=1024, parse_rules="v1.5", limit=0, out_dir="", model_id="llava_jax",
+           judge_ensemble=False, judge=openai_client.judge_settings())
+  judge = overrides.pop("judge", {})
+  d.update(overrides)
+  d["judge"] = {**d["judge"], **judge}
+  return ml_collections.ConfigDict(d)
+
+
+def llava_bench_eval_section(**overrides) -> ml_collections.ConfigDict:
+  """The `eval` section for LLaVA-Bench (eval/llava_bench.py). Fields: kind 'llava_bench'; questions, context, reference_answers
+  (paths, see the module docstring); image_root (folder of the questions' images); rule_file ('' = built-in
+  RULES); template ('' = data.template); batch_size; max_new_tokens; out_dir ('' = <workdir>/eval/llava_bench);
+  model_id; judge (openai_client.judge_settings(); with no judge model the answers are generated, not
+  reviewed)."""
+  d = dict(kind="llava_bench", questions="", context="", reference_answers="", image_root="", rule_file="",
+           template="", batch_size=8, max_new_tokens=1024, out_dir="", model_id="llava_jax",
+           judge=openai_client.judge_settings())
+  judge = overrides.pop("judge", {})
+  d.update(overrides)
+  d["judge"] = {**d["judge"], **judge}
   return ml_collections.ConfigDict(d)
 
 

@@ -30,22 +30,9 @@ from llava_jax.checkpoints.llama_keys import llama_key_specs
 from llava_jax.checkpoints.projector_keys import projector_key_specs
 from llava_jax.checkpoints.reader import TensorReader, has_weights
 from llava_jax.checkpoints.table import KeySpec
-from llava_jax.config import (LlavaConfig, TextConfig, VisionConfig, text_config_from_hf,
-                              vision_config_from_hf)
+from llava_jax.checkpoints.hf_configs import HF_LLAVA_VISION_DEFAULTS, text_config_from_hf, vision_config_from_hf
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.errors import MissingFileError
-
-# transformers defaults for fields a config.json may omit (5.x values; unchanged since 4.3x). rope_theta
-# (10000) is TextConfig's own default, so a 5.x `rope_parameters.rope_theta` is not shadowed.
-HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=None)
-HF_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                               num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                               hidden_act="quick_gelu", layer_norm_eps=1e-5)
-# `LlavaConfig()` without a vision_config builds this tower (CLIP ViT-L/14-336).
-HF_LLAVA_VISION_DEFAULTS = dict(HF_CLIP_VISION_DEFAULTS, intermediate_size=4096, hidden_size=1024, patch_size=14,
-                                image_size=336, num_hidden_layers=24, num_attention_heads=16)
 
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # IMAGE_TOKEN_INDEX of the original LLaVA code
 ORIGINAL_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
@@ -115,36 +102,6 @@ def checkpoint_kind(cfg: dict) -> str:
 # Configs
 
 
-def text_config_from_dict(d: dict) -> TextConfig:
-  """HF LlamaConfig dict (possibly partial) → TextConfig, with transformers' defaults for missing fields."""
-  mt = d.get("model_type", "llama")
-  if mt not in ("llama", "llava", "llava_llama"):
-    raise ValueError(f"text model_type {mt!r} is not supported: the decoder must be LLaMA-architecture")
-  full = dict(HF_LLAMA_DEFAULTS)
-  full.update({k: v for k, v in d.items() if v is not None or k == "pad_token_id"})
-  full.setdefault("num_key_value_heads", full["num_attention_heads"])
-  if full.get("num_key_value_heads") is None:
-    full["num_key_value_heads"] = full["num_attention_heads"]
-  if full.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"LLaMA hidden_act {full['hidden_act']!r} is not supported (only 'silu')")
-  text = text_config_from_hf(full)
-  return dataclasses.replace(text, pad_token_id=full.get("pad_token_id"))
-
-
-def vision_config_from_dict(d: dict, defaults: dict = HF_CLIP_VISION_DEFAULTS) -> VisionConfig:
-  """HF CLIPVisionConfig dict, or a CLIPConfig dict holding `vision_config`, → VisionConfig."""
-  if "vision_config" in d:
-    d = d["vision_config"] or {}
-  mt = d.get("model_type", "clip_vision_model")
-  if mt not in ("clip_vision_model", "clip"):
-    raise ValueError(f"vision tower model_type {mt!r} is not supported (only CLIP vision transformers)")
-  full = dict(defaults)
-  full.update({k: v for k, v in d.items() if v is not None})
-  if full["hidden_act"] != "quick_gelu":
-    raise ValueError(f"CLIP hidden_act {full['hidden_act']!r} is not supported (only 'quick_gelu')")
-  return vision_config_from_hf(full)
-
-
 def llava_hf_config(cfg: dict, projector_depth_found: int) -> LlavaConfig:
   """llava-hf config.json → LlavaConfig; the projector depth comes from the weights (linear_1..linear_N)."""
   act = cfg.get("projector_hidden_act", "gelu")
@@ -154,7 +111,7 @@ def llava_hf_config(cfg: dict, projector_depth_found: int) -> LlavaConfig:
   text_dict = dict(cfg.get("text_config") or {})
   if cfg.get("tie_word_embeddings"):
     text_dict["tie_word_embeddings"] = True
-  vision = (vision_config_from_dict(cfg["vision_config"]) if cfg.get("vision_config")
+  vision = (vision_config_from_hf(cfg["vision_config"]) if cfg.get("vision_config")
             else VisionConfig(**_vision_kw(HF_LLAVA_VISION_DEFAULTS)))
   depth = projector_depth_found or 2
   if act == "linear" and depth != 2:
@@ -162,7 +119,7 @@ def llava_hf_config(cfg: dict, projector_depth_found: int) -> LlavaConfig:
                      f"(linear_1, then linear_2 = identity with zero bias, as export_hf writes it), but the "
                      f"checkpoint has {depth} projector layers")
   return LlavaConfig(
-      vision=vision, text=text_config_from_dict(text_dict),
+      vision=vision, text=text_config_from_hf(text_dict),
       projector_type="linear" if depth == 1 or act == "linear" else f"mlp{depth}x_gelu",
       projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
       image_token_index=int(cfg.get("image_token_index", cfg.get("image_token_id", 32000))),
@@ -186,7 +143,7 @@ def original_config(cfg: dict, vision: VisionConfig, projector_type: str) -> Lla
   text_dict = {k: v for k, v in cfg.items() if not k.startswith("mm_")}
   text_dict["model_type"] = "llama"
   config = LlavaConfig(
-      vision=vision, text=text_config_from_dict(text_dict), projector_type=projector_type, projector_bias=True,
+      vision=vision, text=text_config_from_hf(text_dict), projector_type=projector_type, projector_bias=True,
       image_token_index=ORIGINAL_IMAGE_TOKEN_INDEX,
       vision_feature_layer=_feature_layer(cfg.get("mm_vision_select_layer", -2)),
       vision_feature_select_strategy=ORIGINAL_SELECT_FEATURE[feature])
@@ -292,7 +249,7 @@ def _vocab_from_checkpoint(text: TextConfig, reader: TensorReader, embed_key: st
 
 def _clip_source(vision_dir: str, allow_pickle: bool, name: str = "vision tower") -> Tuple[VisionConfig, Optional[Source]]:
   cfg = read_config(vision_dir)
-  vision = vision_config_from_dict(cfg)
+  vision = vision_config_from_hf(cfg)
   if not has_weights(vision_dir):
     return vision, None  # config only: the weights must be in the main checkpoint
   reader = TensorReader(vision_dir, allow_pickle=allow_pickle)
@@ -399,7 +356,7 @@ def plan_llama(path: str, cfg: dict, vision_tower: Optional[str], projector: Opt
                      "paper, 'mlp2x_gelu' for v1.5): the projector is freshly initialized")
   text_dict = dict(cfg)
   text_dict["model_type"] = "llama"
-  config = LlavaConfig(vision=vision, text=text_config_from_dict(text_dict), projector_type=projector_type,
+  config = LlavaConfig(vision=vision, text=text_config_from_hf(text_dict), projector_type=projector_type,
                        projector_bias=True, image_token_index=ORIGINAL_IMAGE_TOKEN_INDEX)
   config = config.replace(text=_vocab_from_checkpoint(config.text, reader, "model.embed_tokens.weight"))
   sources = [Source(f"language model ({path})", reader, llama_key_specs(config.text),

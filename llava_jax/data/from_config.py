@@ -34,16 +34,16 @@ def build_source(data, model_config: LlavaConfig, *, split: Optional[str] = None
                        "pid_splits.json, images/>")
     require_path(data.scienceqa_root, "--config.data.scienceqa_root")
     return ScienceQASource(data.scienceqa_root, split or data.split,
-                           prompt_format=data.get("scienceqa_format", "QCM-LEA"))
+                           prompt_format=data.scienceqa_format)
   if kind == "synthetic":
     n = num_samples if num_samples is not None else int(data.synthetic_samples)
     if n <= 0:
       raise ValueError("data.source='synthetic' needs data.synthetic_samples > 0")
-    return SyntheticShapesSource(n, seed=int(data.get("synthetic_seed", 0) if seed is None else seed),
+    return SyntheticShapesSource(n, seed=int(data.synthetic_seed if seed is None else seed),
                                  image_size=model_config.vision.image_size,
                                  multi_turn=bool(data.synthetic_multi_turn),
-                                 max_turns=int(data.get("synthetic_max_turns", 3)),
-                                 caption_positions=bool(data.get("synthetic_caption_positions", False)),
+                                 max_turns=int(data.synthetic_max_turns),
+                                 caption_positions=bool(data.synthetic_caption_positions),
                                  style="caption" if data.synthetic_caption else "qa")
   if kind == "tfds":
     if not data.tfds_name:
@@ -81,7 +81,7 @@ def build_tokenizer(config, model_config: LlavaConfig, workdir: Optional[str]):
 def synthetic_corpus(config, model_config: LlavaConfig, num_samples: int = 2000) -> list:
   """Rendered conversations (QA and captions, all templates' tags) of the synthetic source."""
   texts = []
-  seed = int(config.data.get("synthetic_seed", 0))
+  seed = int(config.data.synthetic_seed)
   for style in ("qa", "caption"):
     src = SyntheticShapesSource(num_samples, seed=seed, image_size=model_config.vision.image_size,
                                 multi_turn=True, style=style)
@@ -107,7 +107,7 @@ def pipeline_kwargs(config, model_config: LlavaConfig, tokenizer) -> dict:
       group_by_modality=bool(data.group_by_modality), worker_count=int(data.worker_count),
       strict=bool(data.strict), max_pixels=int(data.max_pixels),
       max_image_bytes=int(data.max_image_bytes),
-      max_images_per_sample=int(data.get("max_images_per_sample", 1)))
+      max_images_per_sample=int(data.max_images_per_sample))
 
 
 def inspect_from_config(config, *, out_path: Optional[str], limit: int, workdir: Optional[str] = None) -> dict:

@@ -112,8 +112,8 @@ def resolve_image(src, image_root: Optional[str]):
   return src
 
 
-def load_image(src, *, image_root: Optional[str] = None, max_pixels: Optional[int] = None,
-               max_bytes: Optional[int] = None, sample_id=None):
+def load_sample_image(src, *, image_root: Optional[str] = None, max_pixels: Optional[int] = None,
+                      max_bytes: Optional[int] = None, sample_id=None):
   """data/image.load_image on a resolved source (max_pixels / max_bytes None = image.py's default limits)."""
   from llava_jax.data import image as image_lib
   kw = {} if max_pixels is None else {"max_pixels": max_pixels}
@@ -128,7 +128,7 @@ class SampleRules:
 
   template: a Template or a registered template name.
   max_images: samples with more images are 'too_long' (they cannot fit a batch's image slots); None: no limit.
-  image_root, max_pixels, max_image_bytes: image loading (see `load_image`; None = image.py's defaults).
+  image_root, max_pixels, max_image_bytes: image loading (see `load_sample_image`; None = image.py's defaults).
   """
   tokenizer: Any
   template: Any
@@ -162,8 +162,9 @@ class SampleRules:
       enc = encode_conversation(record.get("conversations"), self.template, self.tokenizer,
                                 num_image_tokens=self.num_image_tokens, image_token_index=self.image_token_index,
                                 max_length=self.max_length, num_images=len(sources), sample_id=sid)
-      images = [load_image(src, image_root=self.image_root, max_pixels=self.max_pixels,
-                           max_bytes=self.max_image_bytes, sample_id=sid) for src in sources] if load_images else []
+      images = [load_sample_image(src, image_root=self.image_root, max_pixels=self.max_pixels,
+                                  max_bytes=self.max_image_bytes, sample_id=sid)
+                for src in sources] if load_images else []
     except SampleError as e:
       raise SampleError(e.reason, e.detail, sample_id=sid if sid is not None else e.sample_id,
                         origin=record_origin(record)) from None

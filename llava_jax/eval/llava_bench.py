@@ -43,7 +43,6 @@ import math
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import ml_collections
 import numpy as np
 
 from llava_jax import openai_client
@@ -298,21 +297,6 @@ def format_summary(summary: Mapping[str, Mapping]) -> str:
 # --mode=eval
 
 
-def eval_config(**overrides) -> ml_collections.ConfigDict:
-  """The `eval` section for LLaVA-Bench. Fields: kind 'llava_bench'; questions, context, reference_answers
-  (paths, see the module docstring); image_root (folder of the questions' images); rule_file ('' = built-in
-  RULES); template ('' = data.template); batch_size; max_new_tokens; out_dir ('' = <workdir>/eval/llava_bench);
-  model_id; judge (openai_client.judge_settings(); with no judge model the answers are generated, not
-  reviewed)."""
-  d = dict(kind="llava_bench", questions="", context="", reference_answers="", image_root="", rule_file="",
-           template="", batch_size=8, max_new_tokens=1024, out_dir="", model_id="llava_jax",
-           judge=openai_client.judge_settings())
-  judge = overrides.pop("judge", {})
-  d.update(overrides)
-  d["judge"] = {**d["judge"], **judge}
-  return ml_collections.ConfigDict(d)
-
-
 def evaluate_llava_bench(config, model_config, params, tokenizer, *, workdir: str, mesh=None,
                          client: Optional[openai_client.ChatClient] = None,
                          print_fn: Callable[[str], None] = print) -> dict:
@@ -320,32 +304,32 @@ def evaluate_llava_bench(config, model_config, params, tokenizer, *, workdir: st
   and return the report (report.json) in the eval's out_dir."""
   ev, data = config.eval, config.data
   for key in ("questions", "context", "reference_answers"):
-    if not ev.get(key):
+    if not ev[key]:
       raise ValueError(f"LLaVA-Bench eval needs --config.eval.{key}=<path> (see llava_jax/eval/llava_bench.py)")
   items = load_bench(ev.questions, ev.context, ev.reference_answers)
-  rules = load_rules(ev.get("rule_file", ""))
-  out_dir = ev.get("out_dir") or os.path.join(workdir, "eval", "llava_bench")
+  rules = load_rules(ev.rule_file)
+  out_dir = ev.out_dir or os.path.join(workdir, "eval", "llava_bench")
   os.makedirs(out_dir, exist_ok=True)
-  template = ev.get("template") or data.template
+  template = ev.template or data.template
   questions = [Question(qid=it.qid, text="<image>\n" + it.text, image=it.image, prompt=it.text) for it in items]
   answers_path = os.path.join(out_dir, "answers.jsonl")
   print_fn(f"LLaVA-Bench: {len(items)} questions, template {template}")
   answers = answer_questions(questions, model_config=model_config, params=params, tokenizer=tokenizer,
-                             template=template, out_path=answers_path, image_root=ev.get("image_root") or None,
+                             template=template, out_path=answers_path, image_root=ev.image_root or None,
                              aspect_ratio=data.image_aspect_ratio, batch_size=int(ev.batch_size),
-                             max_new_tokens=int(ev.max_new_tokens), model_id=ev.get("model_id", "llava_jax"),
+                             max_new_tokens=int(ev.max_new_tokens), model_id=ev.model_id,
                              mesh=mesh, print_fn=print_fn)
-  report = {"questions": len(items), "answers": answers_path, "rules": ev.get("rule_file") or "built-in",
+  report = {"questions": len(items), "answers": answers_path, "rules": ev.rule_file or "built-in",
             "generation_errors": {k: v["error"] for k, v in answers.items() if "error" in v}}
-  if client is None and not ev.judge.get("model"):
+  if client is None and not ev.judge.model:
     print_fn("no judge model configured (--judge_model): answers written, no reviews")
   else:
     client = client or openai_client.client_from_settings(ev.judge)
     report.update(review_and_summarize(items, answers, client, out_dir, rules=rules,
-                                       temperature=float(ev.judge.get("temperature", 0.2)),
-                                       max_tokens=int(ev.judge.get("max_tokens", 1024)), print_fn=print_fn))
-    report["judge"]["usage"] = client.usage.to_dict(float(ev.judge.get("price_prompt_per_1m", 0.0)),
-                                                    float(ev.judge.get("price_completion_per_1m", 0.0)))
+                                       temperature=float(ev.judge.temperature),
+                                       max_tokens=int(ev.judge.max_tokens), print_fn=print_fn))
+    report["judge"]["usage"] = client.usage.to_dict(float(ev.judge.price_prompt_per_1m),
+                                                    float(ev.judge.price_completion_per_1m))
   path = os.path.join(out_dir, "report.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)

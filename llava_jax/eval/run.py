@@ -29,7 +29,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) 
   'llava_bench' (eval/llava_bench.py)."""
   if config.get("eval") is None:
     raise ValueError("this config has no `eval` section; --mode=eval needs one (see configs/demo.py)")
-  kind = config.eval.get("kind", "synthetic") or "synthetic"
+  kind = config.eval.kind
   if kind not in EVAL_KINDS:
     raise ValueError(f"config.eval.kind={kind!r}; choose one of {EVAL_KINDS}")
   name, last = recipes.last_stage(config)

@@ -32,7 +32,6 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import ml_collections
 
 from llava_jax import openai_client
 from llava_jax.eval.predict import Question, answer_questions
@@ -285,23 +284,6 @@ def judge_ensemble(records: Sequence[Mapping], predictions: Mapping[str, str], c
 # --mode=eval
 
 
-def eval_config(**overrides) -> ml_collections.ConfigDict:
-  """The `eval` section for ScienceQA (configs/scienceqa.py). Fields:
-  kind 'scienceqa'; split ('test'); prompt_format ('' = data.scienceqa_format, default 'QCM-LEA'; v1.5 used
-  'CQM-A'); answer_suffix ('' or ANSWER_SUFFIX for v1.5); template ('' = data.template); batch_size;
-  max_new_tokens; parse_rules ('v1.5' | 'latest', see parse_answer); limit (0 = the whole split); out_dir
-  ('' = <workdir>/eval/scienceqa_<split>); model_id (written in the predictions); judge_ensemble (bool); judge
-  (openai_client.judge_settings(): base_url, model, ... — the key comes from the environment).
-  """
-  d = dict(kind="scienceqa", split="test", prompt_format="", answer_suffix="", template="", batch_size=8,
-           max_new_tokens=1024, parse_rules="v1.5", limit=0, out_dir="", model_id="llava_jax",
-           judge_ensemble=False, judge=openai_client.judge_settings())
-  judge = overrides.pop("judge", {})
-  d.update(overrides)
-  d["judge"] = {**d["judge"], **judge}
-  return ml_collections.ConfigDict(d)
-
-
 def evaluate_scienceqa(config, model_config, params, tokenizer, *, workdir: str, mesh=None,
                        client: Optional[openai_client.ChatClient] = None,
                        print_fn: Callable[[str], None] = print) -> dict:
@@ -309,32 +291,32 @@ def evaluate_scienceqa(config, model_config, params, tokenizer, *, workdir: str,
   predictions.jsonl and report.json in the eval's out_dir and returns the report."""
   from llava_jax.data.sources import ScienceQASource
   ev, data = config.eval, config.data
-  if not data.get("scienceqa_root"):
+  if not data.scienceqa_root:
     raise ValueError("ScienceQA eval needs --config.data.scienceqa_root=<dir with problems.json, "
                      "pid_splits.json, images/>")
-  prompt_format = ev.get("prompt_format") or data.get("scienceqa_format", "QCM-LEA") or "QCM-LEA"
+  prompt_format = ev.prompt_format or data.scienceqa_format
   source = ScienceQASource(data.scienceqa_root, ev.split, prompt_format=prompt_format)
   records = [source[i] for i in range(len(source))]
-  if int(ev.get("limit", 0) or 0) > 0:
+  if int(ev.limit) > 0:
     records = records[:int(ev.limit)]
-  out_dir = ev.get("out_dir") or os.path.join(workdir, "eval", f"scienceqa_{ev.split}")
+  out_dir = ev.out_dir or os.path.join(workdir, "eval", f"scienceqa_{ev.split}")
   os.makedirs(out_dir, exist_ok=True)
   pred_path = os.path.join(out_dir, "predictions.jsonl")
-  template = ev.get("template") or data.template
+  template = ev.template or data.template
   print_fn(f"ScienceQA {ev.split}: {len(records)} problems, format {prompt_format}, template {template}")
   answers = answer_questions(
-      questions_for(records, ev.get("answer_suffix", "")), model_config=model_config, params=params,
+      questions_for(records, ev.answer_suffix), model_config=model_config, params=params,
       tokenizer=tokenizer, template=template, out_path=pred_path, image_root=source.image_root,
       aspect_ratio=data.image_aspect_ratio, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
-      model_id=ev.get("model_id", "llava_jax"), mesh=mesh, print_fn=print_fn)
+      model_id=ev.model_id, mesh=mesh, print_fn=print_fn)
   predictions = {pid: a["text"] for pid, a in answers.items() if "error" not in a}
-  rules = ev.get("parse_rules", "v1.5")
+  rules = ev.parse_rules
   report = score_predictions(records, predictions, rules=rules)
   report.update(parse_rules=rules, split=ev.split, prompt_format=prompt_format,
-                answer_suffix=ev.get("answer_suffix", ""), template=str(template), predictions=pred_path,
+                answer_suffix=ev.answer_suffix, template=str(template), predictions=pred_path,
                 generation_errors={pid: a["error"] for pid, a in answers.items() if "error" in a})
   rows = {"ours": report["table7"]}
-  if ev.get("judge_ensemble"):
+  if ev.judge_ensemble:
     client = client or openai_client.client_from_settings(ev.judge)
     report["judge_ensemble"] = judge_ensemble(records, predictions, client, out_dir, rules=rules,
                                               print_fn=print_fn)

@@ -11,9 +11,12 @@ import logging
 from typing import Dict
 
 from llava_jax.config import LlavaConfig
+from llava_jax.data import conversation
 from llava_jax.data import from_config as data_config
+from llava_jax.data.image import preprocess_batch
 from llava_jax.data.pipeline import make_pipeline
 from llava_jax.eval.answer_match import batch_answer_matches, summarize
+from llava_jax.infer.generate import generate
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def evaluate_synthetic(config, model_config: LlavaConfig, params, tokenizer, *, 
   data.source, data.synthetic_caption, data.synthetic_multi_turn = "synthetic", False, False
   source = data_config.build_source(data, model_config, seed=int(ev.seed), num_samples=int(ev.synthetic_samples))
   kwargs = data_config.pipeline_kwargs(config, model_config, tokenizer)
-  kwargs.update(packing=False, group_by_modality=False, worker_count=0, template=ev.get("template", data.template))
+  kwargs.update(packing=False, group_by_modality=False, worker_count=0, template=ev.template or data.template)
   batches = make_pipeline(source, seed=0, shuffle=False, num_epochs=1, global_batch_size=int(ev.batch_size),
                           process_index=0, process_count=1, **kwargs)
   matches = collections.defaultdict(list)
@@ -69,9 +72,6 @@ def evaluate_synthetic(config, model_config: LlavaConfig, params, tokenizer, *, 
 def sample_answers(model_config: LlavaConfig, params, tokenizer, source, template, data, *, mesh=None,
                    count: int = 3) -> list:
   """Greedy KV-cache generation (infer/generate.py) for the first `count` held-out questions."""
-  from llava_jax.data import conversation
-  from llava_jax.data.image import preprocess_batch
-  from llava_jax.infer.generate import generate
   tpl = conversation.get_template(template)
   records = [source[i] for i in range(min(count, len(source)))]
   prompts = [conversation.generation_prompt(r["conversations"][:1], tpl) for r in records]

@@ -29,8 +29,10 @@ from llava_jax.data import from_config as data_config
 from llava_jax.data.image import load_image, preprocess
 from llava_jax.data.tokenize import encode_generation_prompt, stop_token_ids
 from llava_jax.data.tokenizer import load_tokenizer
-from llava_jax.checkpoints.orbax_params import PARAMS_DIR
+from llava_jax.checkpoints.hf import load_pretrained
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR, restore_params
 from llava_jax.errors import ConfigError, MissingFileError
+from llava_jax.models.llava import param_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +152,11 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
     mesh = default_mesh(stage)
   kind, path, run_dir = resolve_checkpoint(config, workdir, checkpoint)
   if kind == "pretrained":
-    from llava_jax.checkpoints.hf import load_pretrained
     model_config, params = load_pretrained(path, runtime=model_config.runtime, mesh=mesh,
                                            allow_pickle=bool(stage.init.get("allow_pickle", False)))
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)
   else:
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)  # before the weights: fail fast
-    from llava_jax.models.llava import param_shardings
-    from llava_jax.checkpoints.orbax_params import restore_params
     shardings = None if mesh is None else param_shardings(model_config, mesh)
     try:
       params = restore_params(path, shardings)

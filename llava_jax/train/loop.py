@@ -27,17 +27,20 @@ import numpy as np
 from etils import epath
 
 from llava_jax import parallel, paths, recipes
-from llava_jax.checkpoints.orbax_params import PARAMS_DIR
+from llava_jax.checkpoints.hf import load_pretrained
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR, restore_params, save_params, saved_tree
 from llava_jax.config import LlavaConfig
 from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
-from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib
-from llava_jax.train.progress import StepProgress
-from llava_jax.train.optim import optimizer_from_config
-from llava_jax.train.state import (VISION_TOWER, TrainState, abstract_train_state, create_train_state,
-                                  state_shardings)
-from llava_jax.train.step import make_train_step
 from llava_jax.errors import MissingFileError
+from llava_jax.eval.synthetic import evaluate_synthetic
+from llava_jax.models.llava import param_shardings
+from llava_jax.models.lora import adapter_paths, strip_lora
+from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib
+from llava_jax.train.optim import optimizer_from_config
+from llava_jax.train.progress import StepProgress
+from llava_jax.train.state import TrainState, abstract_train_state, create_train_state, state_shardings
+from llava_jax.train.step import make_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +72,7 @@ def train_and_evaluate(config, workdir: str) -> StageResult:
     if result.preempted:  # exit promptly; a rerun resumes this stage (later stages need its params)
       _say(f"preempted at step {result.steps} of {name or 'train'}: checkpoint saved, rerun to resume")
       return result
-  if config.get("eval") is not None and int(config.eval.get("synthetic_samples", 0) or config.eval.get("samples", 0)):
-    from llava_jax.eval.synthetic import evaluate_synthetic
+  if config.get("eval") is not None and config.eval.kind == "synthetic" and int(config.eval.synthetic_samples):
     report = evaluate_synthetic(config, result.model_config, result.state.full_params(), result.tokenizer,
                                 mesh=parallel.make_mesh(tuple(config.mesh)), print_fn=_say)
     if jax.process_index() == 0:  # every process computed the same report
@@ -93,20 +95,15 @@ def initial_params(config, model_config: LlavaConfig, mesh):
   """
   init = config.init
   if init.from_workdir:
-    from llava_jax.models.llava import param_shardings
-    from llava_jax.checkpoints.orbax_params import restore_params
     path = paths.join(init.from_workdir, PARAMS_DIR)
     if not epath.Path(path).is_dir():
       raise MissingFileError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
     shardings = param_shardings(model_config, mesh)
     if model_config.runtime.lora is not None:  # LoRA after a base-model stage: adapters start fresh (train state)
-      from llava_jax.checkpoints.orbax_params import saved_tree
-      from llava_jax.models.lora import adapter_paths, strip_lora
       if not adapter_paths(saved_tree(path)):
         shardings = strip_lora(shardings)
     return model_config, restore_params(path, shardings)
   if init.pretrained or init.language_model:
-    from llava_jax.checkpoints.hf import load_pretrained
     path = init.pretrained or init.language_model
     loaded_config, params = load_pretrained(
         path, vision_tower=init.vision_tower or None, projector=init.projector or None,
@@ -161,7 +158,6 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
                                               preempted, start, steps)
     was_preempted = last_step < steps and (preempted.is_set() or ckpt.reached_preemption(last_step))
     if last_step >= steps:
-      from llava_jax.checkpoints.orbax_params import save_params
       save_params(paths.join(workdir, PARAMS_DIR), state.full_params())
   finally:
     preempted.uninstall()
@@ -236,7 +232,7 @@ def _build_tokenizer(config, model_config, workdir):
 
 def _freeze(tcfg):
   """train.freeze: regex of params never trained, whatever `trainable` says ('' = none; default the vision tower)."""
-  return tcfg.get("freeze", VISION_TOWER) or None
+  return tcfg.freeze or None
 
 
 def _say(text: str) -> None:

@@ -117,11 +117,11 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_ratio: floa
 
 
 def optimizer_from_config(train, total_steps: int) -> Optimizer:
-  """From the config's `train` section (recipes.train_section fields; `mm_projector_lr` 0 or absent = one rate)."""
+  """From the config's `train` section (recipes.train_section fields; `mm_projector_lr` 0 = one rate)."""
   return make_optimizer(learning_rate=float(train.learning_rate), total_steps=int(total_steps),
                         warmup_ratio=float(train.warmup_ratio), weight_decay=float(train.weight_decay),
                         max_grad_norm=float(train.max_grad_norm), b1=float(train.b1), b2=float(train.b2),
-                        eps=float(train.eps), projector_learning_rate=float(train.get("mm_projector_lr", 0.0) or 0.0))
+                        eps=float(train.eps), projector_learning_rate=float(train.mm_projector_lr))
 
 
 def global_norm(tree) -> jax.Array:

@@ -28,10 +28,9 @@ from llava_jax import parallel
 from llava_jax.config import LlavaConfig
 from llava_jax.models import lora
 from llava_jax.models.llava import init_params, sharded_abstract_params
+from llava_jax.recipes import VISION_TOWER  # train.freeze's default (the vision tower)
 
 Patterns = Union[str, Iterable[str]]
-
-VISION_TOWER = r"vision_tower/.*"
 
 
 @struct.dataclass

@@ -391,12 +391,12 @@ WILD_JUDGE = {"What colour is the square?": "9 4\nok", "Describe this picture in
               "Why would someone draw this?": "8 8\nok"}
 CONFIG_FILE = '''
 from tests.fixtures import tiny_model
-from llava_jax.eval.llava_bench import eval_config
+from llava_jax.recipes import llava_bench_eval_section
 
 
 def get_config():
   c = tiny_model.tiny_config({tok!r})
-  c.eval = eval_config(max_new_tokens=4, batch_size=4)
+  c.eval = llava_bench_eval_section(max_new_tokens=4, batch_size=4)
   return c
 '''
 

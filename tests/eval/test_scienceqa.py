@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from llava_jax.data.sources import ScienceQASource
-from llava_jax import openai_client
+from llava_jax import openai_client, recipes
 from llava_jax.eval import scienceqa as sqa
 from tests.fixtures import tiny_model
 from tests.fixtures.judge_stub import JudgeStub, Reply
@@ -293,7 +293,7 @@ def test_converter_writes_llava_json_both_variants(sqa_root, tmp_path, tiny_toke
 def _tiny_config(sqa_root, tokenizer_dir, **eval_kw):
   c = tiny_model.tiny_config(tokenizer_dir)
   c.data.source, c.data.scienceqa_root = "scienceqa", str(sqa_root)
-  c.eval = sqa.eval_config(**eval_kw)
+  c.eval = recipes.scienceqa_eval_section(**eval_kw)
   return c
 
 

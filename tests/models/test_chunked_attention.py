@@ -77,7 +77,7 @@ def test_llama_with_chunked_attention_equals_transformers():
 
   from llava_jax.checkpoints.llama_keys import llama_key_specs
   from llava_jax.checkpoints.table import params_from_tensors
-  from llava_jax.config import text_config_from_hf
+  from llava_jax.checkpoints.hf_configs import text_config_from_hf
 
   torch.manual_seed(0)
   hf = HFLlama(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -15,7 +15,8 @@ from transformers import LlamaForCausalLM as HFLlama
 from llava_jax import parallel
 from llava_jax.checkpoints.llama_keys import llama_key_specs
 from llava_jax.checkpoints.table import export_tensors, leaf_path, params_from_tensors
-from llava_jax.config import RuntimeOptions, text_config_from_hf
+from llava_jax.checkpoints.hf_configs import text_config_from_hf
+from llava_jax.config import RuntimeOptions
 from llava_jax.models.llama import LlamaForCausalLM, rope_inv_freq
 
 TOL = 1e-4
