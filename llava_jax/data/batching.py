@@ -31,8 +31,6 @@ import numpy as np
 
 from llava_jax.data import image as image_lib
 
-BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_valid")
-
 
 def default_buckets(max_length: int) -> Tuple[int, ...]:
   """Quarter, half and full max_length, rounded up to a multiple of 64 (capped at max_length)."""

@@ -17,7 +17,8 @@ from flax import traverse_util
 from llava_jax import parallel
 from llava_jax.train import optim
 from llava_jax.train.state import create_train_state, split_params
-from llava_jax.train.step import _select_batch, loss_row_budget, make_eval_step, make_train_step, next_token_targets, token_stats
+from llava_jax.train.loss import loss_row_budget, next_token_targets, token_stats
+from llava_jax.train.step import _select_batch, make_eval_step, make_train_step
 from tests import fixtures
 
 STAGE1 = r"multi_modal_projector/.*"
