@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax import load_pretrained
-from llava_jax.checkpoints.hf import CheckpointFormatError, CheckpointKeyError, param_shardings
+from llava_jax.checkpoints.hf import CheckpointFormatError, CheckpointKeyError
+from llava_jax.models.llava import param_shardings
 from llava_jax.checkpoints.layouts import llava_hf_config
 from llava_jax.parallel import make_mesh
 from tests.fixtures import hf_checkpoints as H

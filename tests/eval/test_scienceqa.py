@@ -338,7 +338,7 @@ def test_mode_eval_end_to_end_with_a_tiny_model(sqa_root, tmp_path, tiny_tokeniz
   # tokenized by generate's own string path, gives the same answers as the length-sorted batches
   from llava_jax.infer.loading import default_mesh
   mesh = default_mesh(config)
-  from llava_jax.checkpoints.hf import param_shardings
+  from llava_jax.models.llava import param_shardings
   from llava_jax.checkpoints.orbax_params import restore_params
   params = restore_params(os.path.join(workdir, "params"), param_shardings(model_config, mesh))
   records = _records(sqa_root, "CQM-A")
