@@ -244,3 +244,34 @@ def test_qlora_from_a_llava_hf_dir_quantizes_on_load(full_stage, tmp_path):  # n
     else:
       np.testing.assert_array_equal(got[k], v, err_msg=k)
   assert sum(k.endswith("lora_b") and not np.any(v) for k, v in got.items()) == 7
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_v15_qlora_config_is_finetune_lora_with_bits_4_and_shards_on_8_devices(size):
+  """configs/v15_qlora.py: finetune_lora.sh's values with the decoder in NF4; its abstract train state (no
+  allocation) on 8 devices (the config's mesh: fsdp over all) has every leaf divisible by its sharding, gradients
+  and optimizer state for the adapters + projector only, and 0.5 + 4/64 bytes per quantized decoder weight."""
+  c = fixtures.load_config("v15_qlora", size)
+  lora = c.model.runtime.lora
+  assert (lora.rank, lora.alpha, lora.dropout, c.model.runtime.quantize) == (128, 256.0, 0.05, "nf4")
+  assert (c.train.learning_rate, c.train.mm_projector_lr, c.train.global_batch_size) == (2e-4, 2e-5, 128)
+  assert c.model.runtime.dtype == "bfloat16" and c.train.trainable == recipes.LORA_TRAINABLE
+  config = recipes.llava_config(c.model)
+  mesh = parallel.make_mesh(tuple(c.mesh))
+  assert mesh.shape["fsdp"] == 8
+  a = abstract_train_state(config, optim.optimizer_from_config(c.train, 100), mesh,
+                           trainable_patterns=c.train.trainable, freeze=c.train.freeze)
+  for x in jax.tree.leaves(a):
+    x.sharding.shard_shape(x.shape)  # raises when a sharded axis does not divide
+  trainable = traverse_util.flatten_dict(a.params)
+  assert all(p[-1] in ("lora_a", "lora_b") or p[0] == "multi_modal_projector" for p in trainable)
+  nbytes = lambda xs: sum(x.size * x.dtype.itemsize for x in xs)
+  opt = [x for x in jax.tree.leaves(a.opt_state) if x.ndim]
+  assert nbytes(opt) == 2 * nbytes(trainable.values())
+  frozen = traverse_util.flatten_dict(a.frozen)
+  quantized = [x for p, x in frozen.items() if p[-1] in ("kernel_q", "kernel_scale")]
+  t = config.text
+  weights = t.num_hidden_layers * (2 * t.hidden_size * t.hidden_size
+                                   + 2 * t.hidden_size * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+                                   + 3 * t.hidden_size * t.intermediate_size)
+  assert nbytes(quantized) == weights * (0.5 + 4 / 64)
