@@ -17,6 +17,7 @@ from flax import traverse_util
 from llava_jax import parallel, recipes
 from llava_jax.checkpoints.export import dequantize_params, export_hf
 from llava_jax.config import LoraConfig
+from llava_jax.infer.loading import load_for_inference
 from llava_jax.models import quant
 from llava_jax.models.llava import init_params
 from llava_jax.train import checkpointing, loop, optim
@@ -197,7 +198,8 @@ def test_merged_export_of_a_qlora_model_is_its_dequantized_function(base, tmp_pa
 def test_tiny_qlora_run_from_a_float_stage_learns_and_resumes(full_stage, tmp_path):  # noqa: F811
   """configs/tiny.py:qlora with init.from_workdir = a float run: the float kernels are quantized on the host
   (kernel_q = quantize_kernel of the run's kernels), the loss goes down, the saved params keep the quantized base
-  and the float leaves but the projector; a longer rerun resumes from the checkpoint with the int leaves."""
+  and the float leaves but the projector; a longer rerun resumes from the checkpoint with the int leaves; the
+  inference loader reads the finished run's quantized params as they are."""
   a = full_stage
   cfg = load_tiny("qlora")
   assert cfg.model.runtime.quantize == "nf4"
@@ -223,6 +225,12 @@ def test_tiny_qlora_run_from_a_float_stage_learns_and_resumes(full_stage, tmp_pa
   pc = flat(c.state.frozen)
   for k, v in flat(b.state.frozen).items():
     np.testing.assert_array_equal(pc[k], v, err_msg=k)
+  # chat / eval load the finished run's (already quantized) params as they are
+  model = load_for_inference(cfg, workdir=a.workdir, checkpoint=os.path.join(c.workdir, loop.PARAMS_DIR))
+  assert model.config.runtime.quantize == "nf4"
+  got = flat(model.params)
+  for k, v in flat(c.state.full_params()).items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
 def test_qlora_from_a_llava_hf_dir_quantizes_on_load(full_stage, tmp_path):  # noqa: F811
