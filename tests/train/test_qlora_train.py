@@ -178,7 +178,8 @@ def test_checkpoint_restore_resumes_the_same_next_step(base, tmp_path):
 
 
 def test_merged_export_of_a_qlora_model_is_its_dequantized_function(base, tmp_path):
-  """export_hf of a QLoRA model writes deq(W_q) + (alpha / r)·A·B: transformers reloads it with our logits."""
+  """export_hf of a QLoRA model writes deq(W_q) + (alpha / r)·A·B: transformers reloads it with our logits; the
+  PEFT adapter export on the dequantized base gives them too."""
   import transformers
   config, params, _ = base
   qconfig = config.with_runtime(quantize="nf4")  # adapters with B ≠ 0 (the fixture's), the base quantized
@@ -193,6 +194,14 @@ def test_merged_export_of_a_qlora_model_is_its_dequantized_function(base, tmp_pa
   H.assert_logits_close(H.reference_logits(reloaded, ids, mask, pixels), ours, mask)
   float_ours = H.our_logits(config, params, ids, mask, pixels)  # the unquantized model differs: NF4 is lossy
   assert np.abs(float_ours - ours)[mask.astype(bool)].max() > 1e-3
+  # the adapter alone in PEFT's format, on the dequantized base exported without it: PeftModel = our logits
+  peft = pytest.importorskip("peft")
+  from llava_jax.checkpoints.peft import export_peft_adapter
+  from llava_jax.models.lora import strip_lora
+  base_dir = export_hf(qconfig.with_runtime(lora=None), strip_lora(qparams), str(tmp_path / "base"))
+  adapter = export_peft_adapter(qconfig, qparams, str(tmp_path / "adapter"))
+  pm = peft.PeftModel.from_pretrained(transformers.LlavaForConditionalGeneration.from_pretrained(base_dir), adapter)
+  H.assert_logits_close(H.reference_logits(pm.eval(), ids, mask, pixels), ours, mask)
 
 
 def test_tiny_qlora_run_from_a_float_stage_learns_and_resumes(full_stage, tmp_path):  # noqa: F811
