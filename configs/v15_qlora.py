@@ -23,5 +23,4 @@ def get_config(size: str = "7b"):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config(size)
-  c.model.runtime.quantize = r.QLORA_QUANTIZE
-  return c
+  return r.with_quantize(c, r.QLORA_QUANTIZE)
