@@ -96,6 +96,19 @@ def with_quantize(config: ml_collections.ConfigDict, mode) -> ml_collections.Con
   return config
 
 
+QLORA_QUANTIZE = "nf4"  # the reference's train.py `--bits 4` (bitsandbytes `bnb_4bit_quant_type='nf4'`)
+
+
+def with_qlora(config: ml_collections.ConfigDict, quantize: str = QLORA_QUANTIZE, mm_projector_lr: float = 2e-5,
+               **lora) -> ml_collections.ConfigDict:
+  """A recipe turned into its QLoRA variant (in place): `with_lora`, and the decoder's Dense kernels stored
+  quantized (`model.runtime.quantize`: 'nf4' as the reference's `--bits 4`, or 'int4' / 'int8'), frozen and
+  dequantized inside each matmul in the compute dtype (train/qlora.py). Float starting weights are quantized on
+  the host as they load."""
+  with_lora(config, mm_projector_lr=mm_projector_lr, **lora)
+  return with_quantize(config, quantize)
+
+
 def init_section(**kw) -> ml_collections.ConfigDict:
   """Weights: `pretrained` (llava-hf or original LLaVA dir) or `language_model` + `vision_tower` (+ `projector`,
   a stage-1 mm_projector file) or `from_workdir` (a finished stage-1 run of ours); empty = random init."""

@@ -20,6 +20,7 @@ import os
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 from llava_jax import parallel, recipes
 from llava_jax.config import LlavaConfig
@@ -30,9 +31,10 @@ from llava_jax.data.image import load_image, preprocess
 from llava_jax.data.tokenize import encode_generation_prompt, stop_token_ids
 from llava_jax.data.tokenizer import load_tokenizer
 from llava_jax.checkpoints.hf import load_pretrained, place_host_params
-from llava_jax.checkpoints.orbax_params import PARAMS_DIR, restore_params
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR, restore_params, saved_tree
 from llava_jax.errors import ConfigError, MissingFileError
 from llava_jax.models.llava import param_shardings
+from llava_jax.models.quant import is_quantized_path
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +176,11 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
 
 def restore_orbax_params(path: str, model_config: LlavaConfig, mesh):
   """Float params saved by training → device params of `model_config`; with `runtime.quantize` set they are
-  read to host memory and quantized leaf by leaf before placement (`hf.place_host_params`)."""
+  read to host memory and quantized leaf by leaf before placement (`hf.place_host_params`). Params saved
+  already quantized (a QLoRA run's) are read as they are."""
   quantize = model_config.runtime.quantize
   try:
-    if quantize is None:
+    if quantize is None or not any(is_quantized_path(p) for p in traverse_util.flatten_dict(saved_tree(path))):
       return restore_params(path, None if mesh is None else param_shardings(model_config, mesh))
     host = restore_params(path, host=True)
     return place_host_params(host, model_config, mesh)

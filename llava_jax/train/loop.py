@@ -36,7 +36,7 @@ from llava_jax.errors import MissingFileError
 from llava_jax.eval.synthetic import evaluate_synthetic
 from llava_jax.models.llava import param_shardings
 from llava_jax.models.lora import adapter_paths, strip_lora
-from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib
+from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib, qlora
 from llava_jax.train.optim import optimizer_from_config
 from llava_jax.train.progress import StepProgress
 from llava_jax.train.state import TrainState, abstract_train_state, create_train_state, state_shardings
@@ -102,6 +102,9 @@ def initial_params(config, model_config: LlavaConfig, mesh):
     if model_config.runtime.lora is not None:  # LoRA after a base-model stage: adapters start fresh (train state)
       if not adapter_paths(saved_tree(path)):
         shardings = strip_lora(shardings)
+    if model_config.runtime.quantize is not None and qlora.float_kernels(saved_tree(path)):
+      # QLoRA on a float run: read to host memory, quantized there by create_train_state (train/qlora.py)
+      return model_config, restore_params(path, host=True)
     return model_config, restore_params(path, shardings)
   if init.pretrained or init.language_model:
     path = init.pretrained or init.language_model
