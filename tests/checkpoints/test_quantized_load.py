@@ -96,6 +96,8 @@ def test_orbax_params_are_quantized_on_the_host(float_load, tmp_path, placed):
   assert_is_quantized_float(params, float_params, "int4")
   host = restore_params(path, host=True)
   assert all(isinstance(v, np.ndarray) for v in jax.tree.leaves(host))
+  again = save_params(str(tmp_path / "quantized"), params)  # an already quantized tree loads as it is
+  assert_is_quantized_float(loading.restore_orbax_params(again, config, None), float_params, "int4")
 
 
 def test_mismatched_params_are_a_clear_error(float_load, tmp_path):
