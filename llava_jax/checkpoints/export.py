@@ -28,6 +28,7 @@ from llava_jax.checkpoints.table import KeySpec, export_tensors, get_in
 from llava_jax.config import LlavaConfig, dtype_name
 from llava_jax.errors import MissingFileError
 from llava_jax.models.lora import merge_lora
+from llava_jax.models.quant import dequantize_params
 
 HUB_TEXT_PREFIX = "language_model.model."
 HUB_HEAD_KEY = "language_model.lm_head.weight"
@@ -133,13 +134,16 @@ def export_hf(config: LlavaConfig, params: dict, out_dir: str, tokenizer: Any = 
 
   params: our param tree for `config` (scanned or not, as config.runtime.scan_layers says), any sharding. With
     `config.runtime.lora` the adapters are merged into their kernels first (checkpoints/peft.py writes the
-    adapter alone).
+    adapter alone); with `config.runtime.quantize` the decoder kernels are written dequantized (QLoRA: then merged).
   tokenizer: a transformers tokenizer (saved with `save_pretrained`) or a directory to copy tokenizer files from.
   dtype: dtype of the written tensors (default: each param's own dtype).
   max_shard_bytes: shard size limit; above it the weights are split with a `model.safetensors.index.json`.
   Returns out_dir. Raises ValueError for configs llava-hf cannot express (see `check_exportable`).
   """
   check_exportable(config)
+  if config.runtime.quantize is not None:  # llava-hf holds float weights: the dequantized kernels (param_dtype)
+    params = dequantize_params(params, config.runtime.quantize, config.runtime.jnp_param_dtype)
+    config = config.with_runtime(quantize=None)
   if config.runtime.lora is not None:  # LoRA: export the merged weights W + (alpha / r)·A·B as a plain model
     params = merge_lora(params, config.runtime.lora)
     config = config.with_runtime(lora=None)

@@ -143,6 +143,21 @@ def quantize_params(params: dict, mode: str) -> dict:
   return params
 
 
+def dequantize_params(params: dict, mode: str, dtype=jnp.float32) -> dict:
+  """The float tree a quantized one stands for: every kernel_q / kernel_scale pair → `kernel` in `dtype`
+  (numpy); other leaves as they are. For export (QLoRA's merged weights are W = deq(Q) + (alpha / r)·A·B)."""
+  check_mode(mode)
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, value in flat.items():
+    if path[-1] == KERNEL_Q:
+      scale = flat[path[:-1] + (KERNEL_SCALE,)]
+      out[path[:-1] + ("kernel",)] = np.asarray(dequantize_kernel(jnp.asarray(value), jnp.asarray(scale), mode, dtype))
+    elif path[-1] != KERNEL_SCALE:
+      out[path] = value
+  return traverse_util.unflatten_dict(out)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Device-side dequantization (jnp)
 

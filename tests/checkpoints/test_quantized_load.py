@@ -111,3 +111,32 @@ def test_mismatched_params_are_a_clear_error(float_load, tmp_path):
                                                                     "intermediate_size": 192}))
   with pytest.raises(ConfigError, match="does not hold params"):
     loading.restore_orbax_params(path, other.with_runtime(quantize="int8"), None)
+
+
+def test_export_writes_the_dequantized_weights_and_merges_qlora(saved, float_load, tmp_path):
+  """export_hf of a quantized (+ LoRA = QLoRA) model writes deq(Q) (+ (alpha / r)·A·B) as plain llava-hf
+  weights: loading the export back gives exactly `merge_lora(dequantize_params(...))`."""
+  from llava_jax.checkpoints.hf import export_hf
+  from llava_jax.config import LoraConfig
+  from llava_jax.models.lora import merge_lora
+  float_config, float_params = float_load
+  lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+  qparams = quant.quantize_params(jax.tree.map(np.copy, float_params), "nf4")
+  rs = np.random.RandomState(0)
+  for path in [p for p in traverse_util.flatten_dict(qparams) if p[-1] == quant.KERNEL_Q]:
+    module = qparams
+    for name in path[:-1]:
+      module = module[name]
+    d_in, d_out = float_params["language_model"]["layers"][path[2]][path[3]]["kernel"].shape[1:]
+    module["lora_a"] = rs.randn(float_config.text.num_hidden_layers, d_in, 4).astype(np.float32) * 0.1
+    module["lora_b"] = rs.randn(float_config.text.num_hidden_layers, 4, d_out).astype(np.float32) * 0.1
+  config = float_config.with_runtime(quantize="nf4", lora=lora)
+  out = export_hf(config, qparams, str(tmp_path / "export"))
+  _, reloaded = load_pretrained(out)
+  want = flat(merge_lora(quant.dequantize_params(qparams, "nf4"), lora))
+  got = flat(reloaded)
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+  k = "language_model/layers/mlp/down_proj/kernel"
+  assert np.abs(np.asarray(got[k]) - float_params["language_model"]["layers"]["mlp"]["down_proj"]["kernel"]).max() > 0
