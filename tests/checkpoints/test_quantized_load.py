@@ -1,7 +1,7 @@
 """Loading float checkpoints into a quantized model (runtime.quantize): llava-hf via `load_pretrained` and our
 orbax params via the inference loader are quantized on the host before placement: every device_put receives
 kernel_q / kernel_scale for the decoder's linear layers, never their float kernels, and the result is exactly
-`quant.quantize_params` of the float load."""
+`quant.quantize_params` of the float load. Export writes the dequantized (and, with LoRA, merged) weights."""
 import numpy as np
 import pytest
 
