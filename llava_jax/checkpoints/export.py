@@ -19,7 +19,6 @@ import shutil
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-from flax import traverse_util
 
 from llava_jax.checkpoints.clip_keys import clip_key_specs
 from llava_jax.checkpoints.llama_keys import llama_key_specs
@@ -28,8 +27,8 @@ from llava_jax.checkpoints.reader import SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DT
 from llava_jax.checkpoints.table import KeySpec, export_tensors, get_in
 from llava_jax.config import LlavaConfig, dtype_name
 from llava_jax.errors import MissingFileError
-from llava_jax.models import quant
 from llava_jax.models.lora import merge_lora
+from llava_jax.models.quant import dequantize_params
 
 HUB_TEXT_PREFIX = "language_model.model."
 HUB_HEAD_KEY = "language_model.lm_head.weight"
@@ -127,26 +126,6 @@ def write_safetensors(path: str, tensors: List[Tuple[str, np.ndarray]], metadata
     f.write(raw)
     for _, arr in tensors:
       f.write(np.ascontiguousarray(arr).tobytes())  # little-endian hosts (x86, ARM, TPU VMs)
-
-
-def dequantize_params(params, mode: str, dtype=np.float32):
-  """A quantized param tree (models/quant.py: `kernel_q` + `kernel_scale` per quantized Dense) → the float tree
-  with each pair replaced by its `kernel` in `dtype`, as host numpy arrays, dequantized one layer at a time (a
-  scanned [L, ...] leaf is never dequantized whole on a device). Other leaves are passed through."""
-  flat = traverse_util.flatten_dict(params)
-  out = {}
-  for path, value in flat.items():
-    if path[-1] == quant.KERNEL_SCALE:
-      continue
-    if path[-1] == quant.KERNEL_Q:
-      q, scale = np.asarray(value), np.asarray(flat[path[:-1] + (quant.KERNEL_SCALE,)])
-      lead = q.shape[:-2]
-      layers = [np.asarray(quant.dequantize_kernel(q[i], scale[i], mode, np.float32)) for i in np.ndindex(*lead)]
-      value = np.stack(layers).reshape(lead + layers[0].shape) if lead else layers[0]
-      out[path[:-1] + ("kernel",)] = value.astype(dtype)
-    else:
-      out[path] = value
-  return traverse_util.unflatten_dict(out)
 
 
 def export_hf(config: LlavaConfig, params: dict, out_dir: str, tokenizer: Any = None, *,

@@ -143,19 +143,21 @@ def place_leaf(params: dict, path: Tuple[str, ...], leaf: np.ndarray, shardings,
 
 
 def place_host_params(host: dict, config: LlavaConfig, mesh: Optional[Mesh] = None) -> dict:
-  """A float param tree of host (numpy) leaves → the params of `config` on `mesh` (default device when None),
-  quantized on the host leaf by leaf when `config.runtime.quantize` is set. Consumes `host` (each leaf is
-  dropped from it once placed, so host memory shrinks as devices fill)."""
+  """A param tree of host (numpy) leaves → the params of `config` on `mesh` (default device when None): float
+  decoder kernels are quantized on the host leaf by leaf when `config.runtime.quantize` is set (leaves already
+  quantized, kernel_q / kernel_scale, are placed as they are). Consumes `host` (each leaf is dropped from it once
+  placed, so host memory shrinks as devices fill)."""
   shapes, logical = abstract_params(config)
   shardings = parallel.logical_to_sharding(logical, mesh) if mesh is not None else None
   mode = config.runtime.quantize
-  float_shapes = traverse_util.flatten_dict(
-      shapes if mode is None else abstract_params(config.with_runtime(quantize=None))[0])
+  model_shapes = traverse_util.flatten_dict(shapes)
+  float_shapes = model_shapes if mode is None else traverse_util.flatten_dict(
+      abstract_params(config.with_runtime(quantize=None))[0])
   flat = traverse_util.flatten_dict(host)
   host.clear()
   params: dict = {}
   for path in list(flat):
-    want = float_shapes.get(path)
+    want = model_shapes.get(path, float_shapes.get(path))
     if want is None or tuple(want.shape) != tuple(flat[path].shape):
       raise CheckpointShapeError(f"param {'/'.join(path)} {flat[path].shape} is not in the config's model "
                                  f"({'absent' if want is None else want.shape})")

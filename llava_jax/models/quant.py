@@ -143,6 +143,25 @@ def quantize_params(params: dict, mode: str) -> dict:
   return params
 
 
+def dequantize_params(params: dict, mode: str, dtype=np.float32) -> dict:
+  """The float tree a quantized one stands for: every kernel_q / kernel_scale pair → `kernel` in `dtype` as host
+  numpy, dequantized one layer at a time (a scanned [L, ...] leaf is never dequantized whole on a device); other
+  leaves as they are. For export (QLoRA's merged weights are W = deq(Q) + (alpha / r)·A·B)."""
+  check_mode(mode)
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, value in flat.items():
+    if path[-1] == KERNEL_Q:
+      q, scale = np.asarray(value), np.asarray(flat[path[:-1] + (KERNEL_SCALE,)])
+      lead = q.shape[:-2]
+      layers = [np.asarray(dequantize_kernel(q[i], scale[i], mode, np.float32)) for i in np.ndindex(*lead)]
+      kernel = np.stack(layers).reshape(lead + layers[0].shape) if lead else layers[0]
+      out[path[:-1] + ("kernel",)] = kernel.astype(dtype)
+    elif path[-1] != KERNEL_SCALE:
+      out[path] = value
+  return traverse_util.unflatten_dict(out)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Device-side dequantization (jnp)
 

@@ -1,7 +1,7 @@
 """Loading float checkpoints into a quantized model (runtime.quantize): llava-hf via `load_pretrained` and our
 orbax params via the inference loader are quantized on the host before placement: every device_put receives
 kernel_q / kernel_scale for the decoder's linear layers, never their float kernels, and the result is exactly
-`quant.quantize_params` of the float load."""
+`quant.quantize_params` of the float load. Export writes the dequantized (and, with LoRA, merged) weights."""
 import numpy as np
 import pytest
 
@@ -96,6 +96,8 @@ def test_orbax_params_are_quantized_on_the_host(float_load, tmp_path, placed):
   assert_is_quantized_float(params, float_params, "int4")
   host = restore_params(path, host=True)
   assert all(isinstance(v, np.ndarray) for v in jax.tree.leaves(host))
+  again = save_params(str(tmp_path / "quantized"), params)  # an already quantized tree loads as it is
+  assert_is_quantized_float(loading.restore_orbax_params(again, config, None), float_params, "int4")
 
 
 def test_mismatched_params_are_a_clear_error(float_load, tmp_path):
@@ -109,3 +111,32 @@ def test_mismatched_params_are_a_clear_error(float_load, tmp_path):
                                                                     "intermediate_size": 192}))
   with pytest.raises(ConfigError, match="does not hold params"):
     loading.restore_orbax_params(path, other.with_runtime(quantize="int8"), None)
+
+
+def test_export_writes_the_dequantized_weights_and_merges_qlora(saved, float_load, tmp_path):
+  """export_hf of a quantized (+ LoRA = QLoRA) model writes deq(Q) (+ (alpha / r)·A·B) as plain llava-hf
+  weights: loading the export back gives exactly `merge_lora(dequantize_params(...))`."""
+  from llava_jax.checkpoints.hf import export_hf
+  from llava_jax.config import LoraConfig
+  from llava_jax.models.lora import merge_lora
+  float_config, float_params = float_load
+  lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+  qparams = quant.quantize_params(jax.tree.map(np.copy, float_params), "nf4")
+  rs = np.random.RandomState(0)
+  for path in [p for p in traverse_util.flatten_dict(qparams) if p[-1] == quant.KERNEL_Q]:
+    module = qparams
+    for name in path[:-1]:
+      module = module[name]
+    d_in, d_out = float_params["language_model"]["layers"][path[2]][path[3]]["kernel"].shape[1:]
+    module["lora_a"] = rs.randn(float_config.text.num_hidden_layers, d_in, 4).astype(np.float32) * 0.1
+    module["lora_b"] = rs.randn(float_config.text.num_hidden_layers, 4, d_out).astype(np.float32) * 0.1
+  config = float_config.with_runtime(quantize="nf4", lora=lora)
+  out = export_hf(config, qparams, str(tmp_path / "export"))
+  _, reloaded = load_pretrained(out)
+  want = flat(merge_lora(quant.dequantize_params(qparams, "nf4"), lora))
+  got = flat(reloaded)
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+  k = "language_model/layers/mlp/down_proj/kernel"
+  assert np.abs(np.asarray(got[k]) - float_params["language_model"]["layers"]["mlp"]["down_proj"]["kernel"]).max() > 0

@@ -15,7 +15,8 @@ import jax
 from flax import traverse_util
 
 from llava_jax import parallel, recipes
-from llava_jax.checkpoints.export import dequantize_params, export_hf
+from llava_jax.checkpoints.export import export_hf
+from llava_jax.models.quant import dequantize_params
 from llava_jax.config import LoraConfig
 from llava_jax.infer.loading import load_for_inference
 from llava_jax.models import quant
