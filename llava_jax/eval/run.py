@@ -10,14 +10,13 @@ from etils import epath
 
 from llava_jax import parallel, paths, recipes
 from llava_jax.checkpoints.hf import load_pretrained
-from llava_jax.checkpoints.orbax_params import PARAMS_DIR, restore_params
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR
 from llava_jax.data import from_config as data_config
 from llava_jax.errors import MissingFileError
 from llava_jax.eval.llava_bench import evaluate_llava_bench
 from llava_jax.eval.scienceqa import evaluate_scienceqa
 from llava_jax.eval.synthetic import evaluate_synthetic
-from llava_jax.infer.loading import load_for_inference
-from llava_jax.models.llava import param_shardings
+from llava_jax.infer.loading import load_for_inference, restore_orbax_params
 
 EVAL_KINDS = ("synthetic", "scienceqa", "llava_bench")
 
@@ -45,6 +44,6 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) 
   else:
     if not epath.Path(path).is_dir():
       raise MissingFileError(f"no params at {path}: train first, or pass --checkpoint")
-    params = restore_params(path, param_shardings(model_config, mesh))
+    params = restore_orbax_params(path, model_config, mesh)  # quantized on the host under --quantize
   tokenizer = data_config.build_tokenizer(last, model_config, workdir)
   return evaluate_synthetic(config, model_config, params, tokenizer, mesh=mesh)
