@@ -40,9 +40,12 @@ def tpu_devices(topology: str):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-  # v4 (and other megacore chips) are listed per TensorCore, two per chip; jax builds meshes from one device per
-  # chip ("megacore" mode), which is how such a chip runs as one JAX device.
-  return [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
+  if any(getattr(d, "core_on_chip", 0) for d in devices):
+    # v4 is listed per TensorCore (two per chip, each seeing half the chip's HBM: 15.25 of 30.75 GiB); on a TPU VM
+    # jax runs such a chip as one "megacore" device, which is what libtpu's megacore chip config describes.
+    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                           chip_config_name="megacore").devices
+  return list(devices)
 
 
 def tiled_bytes(shape: Sequence[int], dtype, layout) -> int:

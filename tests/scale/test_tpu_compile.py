@@ -3,12 +3,14 @@ recipe's train step and generate's prefill / decode compile for TPU, and memory_
 bytes we compute from the shardings and the compiler's tiled layouts."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from llava_jax import parallel, recipes
 from llava_jax.config import ATTENTION_IMPLS
 from llava_jax.scale import tpu as tpu_lib
+from llava_jax.scale.hardware import GIB
 from tests.fixtures import load_config
 
 pytestmark = pytest.mark.skipif(not tpu_lib.libtpu_available(),
@@ -136,3 +138,10 @@ def test_megacore_chips_give_one_device_per_chip_and_a_mesh():
   assert len(devices) == 8 and len({tuple(d.coords) for d in devices}) == 8
   mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
   assert mesh.devices.size == 8
+  # and each device has the whole chip's HBM (a v4 chip: 32 GiB; one TensorCore alone sees half): 20 GiB of
+  # arguments + outputs compile for one device (the per-TensorCore device refused them: 40 GiB > 15.25 GiB)
+  one = jax.sharding.SingleDeviceSharding(devices[0])
+  n = 10 * GIB // 4
+  compiled = jax.jit(lambda x: x * 2.0, out_shardings=one).lower(
+      jax.ShapeDtypeStruct((n,), jnp.float32, sharding=one)).compile()
+  assert compiled.memory_analysis().argument_size_in_bytes == 10 * GIB
