@@ -4,19 +4,69 @@ jax dispatches a step asynchronously: `step_fn` returns as soon as the work is q
 has done it. Counting at dispatch put the bar one step (a whole compilation, for the first) ahead of the device.
 Here the bar advances to step s-1 once step s is dispatched and step s-1's outputs are ready (one step stays in
 flight, so the host keeps preparing the next batch while the device computes), and to the last step on `close`.
+
+In a Jupyter kernel (a notebook, Colab) the bar is one display output updated in place: tqdm's carriage-return
+refreshes on the kernel's non-terminal stderr would otherwise pile up in the saved notebook, one copy per refresh.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Optional
 
 import jax
 
 
+NOTEBOOK_REFRESH_S = 1.0  # at most one display update per second in a notebook
+NOTEBOOK_COLUMNS = 110
+
+
+class DisplayLine:
+  """A file-like target for tqdm that shows the last line written as ONE notebook output, updated in place
+  (an IPython display handle), instead of appending each `\\r`-refresh to the cell's stderr text."""
+
+  def __init__(self, handle):
+    self._handle = handle
+    self._shown = False
+    self.last = ""
+
+  def write(self, text: str) -> None:
+    line = text.replace("\r", "").strip("\n").rstrip()
+    if not line or line == self.last:
+      return
+    self.last = line
+    bundle = {"text/plain": line}
+    if self._shown:
+      self._handle.update(bundle, raw=True)
+    else:
+      self._handle.display(bundle, raw=True)
+      self._shown = True
+
+  def flush(self) -> None:
+    pass
+
+
+def notebook_display_line() -> Optional[DisplayLine]:
+  """A DisplayLine when running inside a Jupyter kernel (IPython with a kernel attached), else None."""
+  if "IPython" not in sys.modules:  # a kernel has imported it long before; elsewhere, do not import it
+    return None
+  from IPython import get_ipython
+  from IPython.display import DisplayHandle
+  shell = get_ipython()
+  if shell is None or getattr(shell, "kernel", None) is None:
+    return None
+  return DisplayLine(DisplayHandle())
+
+
 def make_bar(start: int, total: int):
-  """A tqdm bar on process 0 (disabled elsewhere)."""
+  """A tqdm bar on process 0 (disabled elsewhere): on the terminal's stderr, or one updating notebook line."""
   from tqdm import tqdm
-  return tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+  disable = jax.process_index() != 0
+  line = None if disable else notebook_display_line()
+  if line is not None:
+    return tqdm(total=total, initial=start, desc="train", file=line, ncols=NOTEBOOK_COLUMNS,
+                mininterval=NOTEBOOK_REFRESH_S, ascii=False)
+  return tqdm(total=total, initial=start, desc="train", disable=disable, dynamic_ncols=True)
 
 
 class StepProgress:
