@@ -91,11 +91,15 @@ def measure_ours(a: dict) -> dict:
                     max_new_tokens=k, stop_token_ids=(), steps_per_chunk=1 if stamps is not None else None,
                     stream_callback=None if stamps is None else (lambda e: stamps.append(time.perf_counter())))
 
-  out["warmup_s"], _ = common.clock(lambda: run(2))
-  compiles = compile_counts()
-  stamps: List[float] = []
-  t0 = time.perf_counter()
-  res = run(n, stamps)
+  try:  # the import numbers above stand even when generating fails (e.g. XLA asks for more memory than exists)
+    out["warmup_s"], _ = common.clock(lambda: run(2))
+    compiles = compile_counts()
+    stamps: List[float] = []
+    t0 = time.perf_counter()
+    res = run(n, stamps)
+  except Exception as e:  # noqa: BLE001 — reported in the row, not raised: the other rows still run
+    out.update(error=f"{type(e).__name__}: {str(e)[:500]}", peak_rss=common.proc_status().get("VmHWM"))
+    return out
   out.update(_timings(t0, stamps, n), tokens=[int(t) for t in res.token_ids[0]],
              recompiled=compile_counts() != compiles, peak_rss=common.proc_status().get("VmHWM"))
   return out
@@ -197,9 +201,11 @@ def mem_available() -> int:
   return 0
 
 
-def run_group(a, run_child: Callable, workdir: str, env, cpus, previous: Optional[Dict[str, dict]] = None) -> dict:
+def run_group(a, run_child: Callable, workdir: str, env, cpus, previous: Optional[Dict[str, dict]] = None,
+              on_row: Optional[Callable[[dict], None]] = None) -> dict:
   """Generate / reuse the checkpoint, run each requested row in its own child (rows of `previous`, an earlier
-  run's raw results, are kept unless re-run), return the report doc with the raw results under 'results'."""
+  run's raw results, are kept unless re-run), return the report doc with the raw results under 'results'.
+  `on_row(doc)` gets the report so far after every row (so an interrupted run keeps what it measured)."""
   s = big_ckpt.SHAPES[a.big_shapes]
   rows = [r.strip() for r in a.big_rows.split(",") if r.strip()]
   bad = set(rows) - set(ROWS)
@@ -228,4 +234,6 @@ def run_group(a, run_child: Callable, workdir: str, env, cpus, previous: Optiona
     results[row] = dict(out["result"], loadavg_before=out["loadavg_before"], loadavg_after=out["loadavg_after"],
                         wall_s=out["wall_s"], facts=out["facts"], git=common.git_state(REPO))
     loads += [out["loadavg_before"], out["loadavg_after"]]
+    if on_row is not None:
+      on_row(dict(big_report.build(s, gen["result"], results, skipped, loads), results=results))
   return dict(big_report.build(s, gen["result"], results, skipped, loads), results=results)

@@ -11,7 +11,8 @@ from typing import Dict, List, Optional
 from bench import big, big_ckpt
 
 LABELS = {"ours_bf16": "llava_jax bf16", "ours_int8": "llava_jax int8", "ours_int4": "llava_jax int4",
-          "ours_nf4": "llava_jax nf4", "hf_bf16": "transformers bf16", "torch_int8": "transformers + torch dynamic int8"}
+          "ours_nf4": "llava_jax nf4", "hf_bf16": "transformers bf16",
+          "torch_int8": "transformers + torch dynamic int8"}
 
 
 def _row(key, label, unit, ours, ref, ref_label, ratio, target, lower_is_better=False, note=""):
@@ -53,7 +54,9 @@ def build(s: big_ckpt.BigShapes, ckpt: dict, results: Dict[str, dict], skipped: 
     if r is None and name not in skipped:  # not requested
       continue
     missing = [LABELS[n] for n, x in ((name, r), (ref_name, ref)) if x is None]
-    note = f"not measured: {', '.join(missing)}" if missing else ""
+    failed = [f"{LABELS[n]} failed after loading: {x['error']}" for n, x in ((name, r), (ref_name, ref))
+              if x is not None and x.get("error")]
+    note = "; ".join(([f"not measured: {', '.join(missing)}"] if missing else []) + failed)
     ttft, ref_ttft = (r or {}).get("ttft_s"), (ref or {}).get("ttft_s")
     rows.append(_row(f"ttft_{name}", f"time to first token, {LABELS[name]} vs {LABELS[ref_name]}", "s", ttft,
                      ref_ttft, LABELS[ref_name], _div(ref_ttft, ttft), big.TARGET_VS_HF, note=note))
@@ -65,7 +68,7 @@ def build(s: big_ckpt.BigShapes, ckpt: dict, results: Dict[str, dict], skipped: 
                        _tps(results[name]), _tps(results["ours_bf16"]), LABELS["ours_bf16"],
                        _div(_tps(results[name]), _tps(results["ours_bf16"])), target))
   sanity = {}
-  if "ours_bf16" in results and "hf_bf16" in results:
+  if results.get("ours_bf16", {}).get("tokens") and results.get("hf_bf16", {}).get("tokens"):
     a, b = results["ours_bf16"]["tokens"], results["hf_bf16"]["tokens"]
     sanity["greedy_tokens_equal_bf16"] = sum(int(x == y) for x, y in zip(a, b)) / max(len(a), 1)
   return dict(shapes=s.name, checkpoint=ckpt, rows=rows, sanity=sanity, skipped=skipped, loadavg_samples=loads,
@@ -96,7 +99,8 @@ def markdown(rep: dict, meta: dict, results: Dict[str, dict]) -> str:
            f"{meta['prompt_text']} text tokens; greedy decode of {meta['new_tokens']} new tokens; one timed run per "
            f"row after a warm-up, rows in separate processes one after another (no alternation: two 7B "
            f"models do not fit in memory). 1-min load average {min(one_minute):.2f}–{max(one_minute):.2f}.", "",
-           "| benchmark | unit | llava_jax | reference | ratio | target | result |", "|---|---|---:|---:|---:|---:|:---:|"]
+           "| benchmark | unit | llava_jax | reference | ratio | target | result |",
+           "|---|---|---:|---:|---:|---:|:---:|"]
   for r in rep["rows"]:
     target = "–" if r["target"] is None else f"{r['target_op']} {r['target']:g}"
     result = "–" if r["met"] is None else ("PASS" if r["met"] else "**FAIL**")
@@ -107,7 +111,7 @@ def markdown(rep: dict, meta: dict, results: Dict[str, dict]) -> str:
   for name, r in results.items():
     g = r.get("git") or {}
     bits = [f"commit `{str(g.get('commit', '?'))[:12]}`{' (dirty)' if g.get('dirty') else ''}",
-            f"load {r['load_s']:.0f} s", f"warm-up {r['warmup_s']:.0f} s",
+            f"load {r['load_s']:.0f} s", f"warm-up {r.get('warmup_s') or 0:.0f} s",
             f"peak RSS over the whole run {(r.get('peak_rss') or 0) / 2 ** 30:.1f} GiB",
             f"load average {r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f}"]
     if r.get("quantize_s") is not None:

@@ -275,21 +275,29 @@ def run_big(a, date: str, cpus: List[int], env: Dict[str, str]) -> dict:
       previous = old["raw"]
     else:
       raise SystemExit(f"--big-append: {base}.json was measured with other shapes / new tokens")
-  workdir = tempfile.mkdtemp(prefix="llava_bench7b_")
-  try:
-    rep = big.run_group(a, run_child, workdir, env, cpus, previous)
-  finally:
-    shutil.rmtree(workdir, ignore_errors=True)
-  results = rep.pop("results")
   meta = dict(date=date, threads=a.threads, affinity=cpus, machine=common.machine_facts(), git=common.git_state(REPO),
               new_tokens=a.big_new_tokens, prompt_text=a.big_prompt_text, shapes=a.big_shapes,
               image_size=big_ckpt.SHAPES[a.big_shapes].image_size,
               image_tokens=big_ckpt.SHAPES[a.big_shapes].num_patches)
   os.makedirs(a.out_dir, exist_ok=True)
-  common.write_json(base + ".json", dict(meta=meta, report=rep, raw=results))
-  md = big_report.markdown(rep, meta, results)
-  with open(base + ".md", "w") as f:
-    f.write(md)
+
+  def write(doc: dict) -> str:
+    rep = dict(doc)
+    results = rep.pop("results")
+    common.write_json(base + ".json", dict(meta=meta, report=rep, raw=results))
+    md = big_report.markdown(rep, meta, results)
+    with open(base + ".md", "w") as f:
+      f.write(md)
+    return md
+
+  workdir = tempfile.mkdtemp(prefix="llava_bench7b_")
+  try:
+    doc = big.run_group(a, run_child, workdir, env, cpus, previous, on_row=write)
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  md = write(doc)
+  results = doc.pop("results")
+  rep = doc
   if a.update_readme:
     for path in (os.path.join(REPO, "README.md"), os.path.join(REPO, "bench", "README.md")):
       update_readme(path, md, os.path.relpath(base, os.path.dirname(path)), start=README7B_START, end=README7B_END,
