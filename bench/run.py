@@ -56,6 +56,8 @@ def parse_args(argv=None):
                        "ours_nf4)")
   ap.add_argument("--big-new-tokens", type=int, default=16, help="7b group: greedy tokens decoded per row")
   ap.add_argument("--big-prompt-text", type=int, default=32, help="7b group: text tokens besides the image")
+  ap.add_argument("--big-wait", type=float, default=600.0,
+                  help="7b group: seconds to wait for enough free memory before skipping a row")
   ap.add_argument("--big-append", action="store_true",
                   help="7b group: keep the rows of an existing <date>-7b.json that this run does not re-run")
   return ap.parse_args(argv)
