@@ -78,6 +78,7 @@ def measure_ours(a: dict) -> dict:
   s = big_ckpt.SHAPES[a["shapes"]]
   n = int(a["new_tokens"])
   quant = OURS_QUANT[a["row"]]
+  _first_to_die()
   jax.devices()  # backend start-up belongs to the baseline, not to the import
   t0 = time.perf_counter()
   with _Sampler() as sampler:
@@ -87,6 +88,7 @@ def measure_ours(a: dict) -> dict:
   out = dict(row=a["row"], quantize=quant, load_s=load_s, ckpt_bytes=_param_bytes(a["ckpt_dir"]),
              param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(params))),
              **_memory(sampler, common.proc_status()))
+  common.write_json(partial_path(a), out)  # survives the process being killed (out of memory) while generating
   inputs = prompt(s, a["prompt_text"])
 
   def run(k: int, stamps=None):
@@ -106,6 +108,20 @@ def measure_ours(a: dict) -> dict:
   out.update(_timings(t0, stamps, n), tokens=[int(t) for t in res.token_ids[0]],
              recompiled=compile_counts() != compiles, peak_rss=common.proc_status().get("VmHWM"))
   return out
+
+
+def partial_path(a: dict) -> str:
+  """Where a row leaves its import numbers before generating (read back if the row's process is killed)."""
+  return os.path.join(a["workdir"], f"{a['row']}.partial.json")
+
+
+def _first_to_die() -> None:
+  """Make this process the kernel OOM killer's first choice (a 7B row must not take another job down)."""
+  try:
+    with open("/proc/self/oom_score_adj", "w") as f:
+      f.write("1000")
+  except OSError:
+    pass
 
 
 def load_ours(ckpt_dir: str, quant):
@@ -139,6 +155,7 @@ def measure_hf(a: dict) -> dict:
   s = big_ckpt.SHAPES[a["shapes"]]
   n = int(a["new_tokens"])
   facts = torch_side.set_threads(int(a["threads"]))
+  _first_to_die()
   t0 = time.perf_counter()
   with _Sampler() as sampler:
     model = transformers.LlavaForConditionalGeneration.from_pretrained(a["ckpt_dir"], dtype=torch.bfloat16).eval()
@@ -152,6 +169,7 @@ def measure_hf(a: dict) -> dict:
     out.update(quantize_s=time.perf_counter() - t0, quantize_peak_rss=qs.max_rss)
   out["param_bytes"] = int(sum(x.numel() * x.element_size() for x in model.parameters())
                            + sum(_packed_bytes(m) for m in model.modules()))
+  common.write_json(partial_path(a), out)
   model.generation_config.eos_token_id = None  # exactly N tokens
   model.generation_config.pad_token_id = 0
   inputs = prompt(s, a["prompt_text"])
@@ -231,14 +249,23 @@ def run_group(a, run_child: Callable, workdir: str, env, cpus, previous: Optiona
       print(f"[bench] skip {row}: {skipped[row]}", flush=True)
       continue
     task = "big_hf" if row in ("hf_bf16", "torch_int8") else "big_ours"
+    git, load_before, t0 = common.git_state(REPO), common.loadavg(), time.time()
+    args = dict(base, row=row, workdir=workdir)
     try:
-      out = run_child(task, dict(base, row=row), workdir, env, cpus, a.timeout)
+      out = run_child(task, args, workdir, env, cpus, a.timeout)
     except Exception as e:  # one failed row (e.g. out of memory) is reported, the others still run
-      skipped[row] = f"failed: {str(e)[-600:]}"
       print(f"[bench] {row} failed: {e}", flush=True)
-      continue
+      why = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+      if "exit -9" in why:
+        why += " — SIGKILL: the kernel's OOM killer (the row's process asks to be its first choice)"
+      if not os.path.exists(partial_path(args)):
+        skipped[row] = f"failed before its import finished: {why}"
+        continue
+      with open(partial_path(args)) as f:
+        out = dict(result=dict(json.load(f), error=f"killed after loading: {why}"), loadavg_before=load_before,
+                   loadavg_after=common.loadavg(), wall_s=time.time() - t0, facts={})
     results[row] = dict(out["result"], loadavg_before=out["loadavg_before"], loadavg_after=out["loadavg_after"],
-                        wall_s=out["wall_s"], facts=out["facts"], git=common.git_state(REPO))
+                        wall_s=out["wall_s"], facts=out["facts"], git=git)
     loads += [out["loadavg_before"], out["loadavg_after"]]
     if on_row is not None:
       on_row(dict(big_report.build(s, gen["result"], results, skipped, loads), results=results))
