@@ -111,9 +111,12 @@ def markdown(rep: dict, meta: dict, results: Dict[str, dict]) -> str:
   for name, r in results.items():
     g = r.get("git") or {}
     bits = [f"commit `{str(g.get('commit', '?'))[:12]}`{' (dirty)' if g.get('dirty') else ''}",
-            f"load {r['load_s']:.0f} s", f"warm-up {r.get('warmup_s') or 0:.0f} s",
-            f"peak RSS over the whole run {(r.get('peak_rss') or 0) / 2 ** 30:.1f} GiB",
-            f"load average {r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f}"]
+            f"load {r['load_s']:.0f} s"]
+    if r.get("warmup_s") is not None:
+      bits.append(f"warm-up {r['warmup_s']:.0f} s")
+    if r.get("peak_rss"):
+      bits.append(f"peak RSS over the whole run {r['peak_rss'] / 2 ** 30:.1f} GiB")
+    bits.append(f"load average {r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f}")
     if r.get("quantize_s") is not None:
       bits.append(f"quantize_dynamic {r['quantize_s']:.0f} s")
     if r.get("recompiled"):
