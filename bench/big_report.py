@@ -71,6 +71,7 @@ def build(s: big_ckpt.BigShapes, ckpt: dict, results: Dict[str, dict], skipped: 
   if results.get("ours_bf16", {}).get("tokens") and results.get("hf_bf16", {}).get("tokens"):
     a, b = results["ours_bf16"]["tokens"], results["hf_bf16"]["tokens"]
     sanity["greedy_tokens_equal_bf16"] = sum(int(x == y) for x, y in zip(a, b)) / max(len(a), 1)
+  loads = list(loads) + [x for r in results.values() for x in (r.get("loadavg_before"), r.get("loadavg_after")) if x]
   return dict(shapes=s.name, checkpoint=ckpt, rows=rows, sanity=sanity, skipped=skipped, loadavg_samples=loads,
               rows_missing=[r for r in big.ROWS if r not in results])
 
@@ -129,5 +130,5 @@ def markdown(rep: dict, meta: dict, results: Dict[str, dict]) -> str:
     notes.append(f"- **not measured: {LABELS.get(name, name)}**: {why}")
   missing = [LABELS[n] for n in rep["rows_missing"] if n not in rep["skipped"]]
   if missing:
-    notes.append(f"- rows not requested in this run: {', '.join(missing)}")
+    notes.append(f"- rows not in this report: {', '.join(missing)}")
   return "\n".join(lines + [""] + notes) + "\n"
