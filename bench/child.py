@@ -1,6 +1,6 @@
 """Benchmark processes started by bench/run.py, all with the same thread environment and CPU affinity.
 
-    python -m bench.child TASK ARGS_JSON OUT_JSON    one-shot task (prepare, data, ckpt_*): result → OUT_JSON
+    python -m bench.child TASK ARGS_JSON OUT_JSON    one-shot task (prepare, data, ckpt_*, big_*): result → OUT_JSON
     python -m bench.child serve SIDE ARGS_JSON       a side ('jax' | 'torch') that loads the model once, then
                                                      answers commands read from stdin, one JSON per line:
         {"cmd": "list"} | {"cmd": "warmup", "bench": B, "n": k} | {"cmd": "rep", "bench": B}
@@ -21,6 +21,11 @@ from bench import common
 
 
 def _task(name: str, a: dict):
+  if name.startswith("big_"):  # the 7B-shaped group (bench/big.py)
+    from bench import big, big_ckpt
+    if name == "big_gen":
+      return big_ckpt.ensure_checkpoint(big_ckpt.SHAPES[a["shapes"]], a["ckpt_dir"])
+    return big.measure_ours(a) if name == "big_ours" else big.measure_hf(a)
   p = common.PRESETS[a["preset"]]
   threads = int(a["threads"])
   if name == "prepare":

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -333,6 +334,18 @@ def machine_facts() -> dict:
   simd = [s for s in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f" {s}" in flags]
   return dict(cpu=cpu, cores=os.cpu_count(), simd=simd, python=sys.version.split()[0], platform=platform.platform(),
               mem_total_gb=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1))
+
+
+def git_state(repo: str) -> dict:
+  """{'commit': HEAD, 'dirty': uncommitted changes to tracked files} of the code that ran (or why unknown)."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    return {"commit": f"unknown ({type(e).__name__})", "dirty": None}
+  return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def loadavg() -> List[float]:

@@ -1,7 +1,8 @@
 """Turn the children's raw results into the report: ratios against targets, a markdown table and a PNG chart.
 
 Every ratio is ours / reference oriented so that > 1 means llava_jax is better (for a latency that is
-reference latency / our latency). Targets come from issue 8.
+reference latency / our latency). Targets come from issue 8 (issue 13 keeps them, as PASS/FAIL rows); every
+report names the git commit it measured (and whether the tree had uncommitted changes).
 """
 from __future__ import annotations
 
@@ -159,12 +160,15 @@ def markdown(report: dict, meta: dict) -> str:
                f"OMP/MKL/OpenBLAS = {meta['threads']}, CPU affinity {meta['affinity']}; XLA's pool follows the "
                f"affinity), float32, preset `{meta['preset']}`, load average {meta['load_summary']}. "
                f"Each number is the median of several repetitions after warm-up.")
+  git = meta.get("git") or {}
+  lines += ["", f"Commit `{git.get('commit', 'unknown')}`" + (" (uncommitted changes in the tree)" if git.get("dirty")
+                                                              else "") + "."]
   lines.append("")
-  lines.append("| benchmark | unit | llava_jax | PyTorch | ratio | target | met |")
+  lines.append("| benchmark | unit | llava_jax | PyTorch | ratio | target | result |")
   lines.append("|---|---|---:|---:|---:|---:|:---:|")
   for r in report["rows"]:
     target = "–" if r["target"] is None else f"{r['target_op']} {r['target']:g}"
-    met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
+    met = "–" if r["met"] is None else ("PASS" if r["met"] else "**FAIL**")
     ratio = "–" if r["ratio"] is None else (f"{r['ratio'] * 100:.0f} %" if r["key"] == "train_mfu"
                                               else f"{r['ratio']:.2f}×")
     lines.append(f"| {r['label']} | {r['unit']} | {_fmt(r['ours'])} | {_fmt(r['reference'])} | {ratio} | "

@@ -30,6 +30,8 @@ MARK = "@@BENCH@@ "
 SIDES = ("jax", "torch")
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+README7B_START = "<!-- bench7b:start -->"
+README7B_END = "<!-- bench7b:end -->"
 
 
 def parse_args(argv=None):
@@ -41,18 +43,31 @@ def parse_args(argv=None):
   ap.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir, removed after)")
   ap.add_argument("--date", default=None, help="report name (default: today, YYYY-MM-DD)")
   ap.add_argument("--only", default=None,
-                  help="comma-separated groups to run: model (jax+torch), data, ckpt (default: all)")
+                  help="comma-separated groups to run: model (jax+torch), data, ckpt (default: those three); "
+                       "7b (llava-v1.5-7b shapes, ~1 h: only when named)")
   ap.add_argument("--runtime", default="{}", help="JSON RuntimeOptions for llava_jax, e.g. '{\"scan_layers\": false}'")
   ap.add_argument("--update-readme", action="store_true", help="replace the table between the README markers")
   ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per task")
+  ap.add_argument("--big-dir", default="/tmp/llava7b-bench",
+                  help="7b group: checkpoint directory (generated once, ~14 GB; reused when its index validates)")
+  ap.add_argument("--big-shapes", default="7b", choices=["7b", "tiny"], help="7b group: shapes (tiny = smoke test)")
+  ap.add_argument("--big-rows", default="ours_bf16,hf_bf16,torch_int8,ours_int8,ours_int4",
+                  help="7b group: rows to run, in order (ours_bf16, hf_bf16, torch_int8, ours_int8, ours_int4, "
+                       "ours_nf4)")
+  ap.add_argument("--big-new-tokens", type=int, default=16, help="7b group: greedy tokens decoded per row")
+  ap.add_argument("--big-prompt-text", type=int, default=32, help="7b group: text tokens besides the image")
+  ap.add_argument("--big-wait", type=float, default=600.0,
+                  help="7b group: seconds to wait for enough free memory before skipping a row")
+  ap.add_argument("--big-append", action="store_true",
+                  help="7b group: keep the rows of an existing <date>-7b.json that this run does not re-run")
   return ap.parse_args(argv)
 
 
 def _groups(only: Optional[str]) -> List[str]:
   groups = ["model", "data", "ckpt"] if not only else [g.strip() for g in only.split(",") if g.strip()]
-  bad = set(groups) - {"model", "data", "ckpt"}
+  bad = set(groups) - {"model", "data", "ckpt", "7b"}
   if bad:
-    raise SystemExit(f"--only: unknown groups {sorted(bad)}; choose from model, data, ckpt")
+    raise SystemExit(f"--only: unknown groups {sorted(bad)}; choose from model, data, ckpt, 7b")
   return groups
 
 
@@ -175,6 +190,11 @@ def run(argv=None) -> dict:
   if len(cpus) < a.threads:
     raise SystemExit(f"--threads {a.threads}: only {len(cpus)} CPUs are available to this process")
   env = common.thread_env(a.threads)
+  if "7b" in groups:
+    doc7 = run_big(a, date, cpus, env)
+    groups = [g for g in groups if g != "7b"]
+    if not groups:
+      return doc7
   own_workdir = a.workdir is None
   workdir = a.workdir or tempfile.mkdtemp(prefix="llava_bench_")
   os.makedirs(workdir, exist_ok=True)
@@ -223,6 +243,7 @@ def run(argv=None) -> dict:
   rep = report.build(results, p)
   one_minute = [x[0] for x in loads]
   meta = dict(date=date, preset=p.name, threads=a.threads, affinity=cpus, machine=common.machine_facts(),
+              git=common.git_state(REPO),
               load_summary=f"{min(one_minute):.2f}–{max(one_minute):.2f} (1-min, sampled around each task)",
               loadavg_samples=loads, runtime=shared["runtime"], skipped=skipped,
               child_facts=dict({k: v["facts"] for k, v in outputs.items()},
@@ -244,16 +265,61 @@ def run(argv=None) -> dict:
   return doc
 
 
-def update_readme(path: str, md: str, base_rel: str) -> None:
+def run_big(a, date: str, cpus: List[int], env: Dict[str, str]) -> dict:
+  """The 7b group (bench/big.py): its own report, bench/results/<date>-7b.{json,md}."""
+  from bench import big, big_ckpt, big_report
+  base = os.path.join(a.out_dir, f"{date}-7b")
+  previous = None
+  if a.big_append and os.path.exists(base + ".json"):  # keep the rows measured earlier (each has its commit)
+    with open(base + ".json") as f:
+      old = json.load(f)
+    if old["meta"].get("shapes") == a.big_shapes and old["meta"].get("new_tokens") == a.big_new_tokens:
+      previous = old["raw"]
+    else:
+      raise SystemExit(f"--big-append: {base}.json was measured with other shapes / new tokens")
+  meta = dict(date=date, threads=a.threads, affinity=cpus, machine=common.machine_facts(), git=common.git_state(REPO),
+              new_tokens=a.big_new_tokens, prompt_text=a.big_prompt_text, shapes=a.big_shapes,
+              image_size=big_ckpt.SHAPES[a.big_shapes].image_size,
+              image_tokens=big_ckpt.SHAPES[a.big_shapes].num_patches)
+  os.makedirs(a.out_dir, exist_ok=True)
+
+  def write(doc: dict) -> str:
+    rep = dict(doc)
+    results = rep.pop("results")
+    common.write_json(base + ".json", dict(meta=meta, report=rep, raw=results))
+    md = big_report.markdown(rep, meta, results)
+    with open(base + ".md", "w") as f:
+      f.write(md)
+    return md
+
+  workdir = tempfile.mkdtemp(prefix="llava_bench7b_")
+  try:
+    doc = big.run_group(a, run_child, workdir, env, cpus, previous, on_row=write)
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  md = write(doc)
+  results = doc.pop("results")
+  rep = doc
+  if a.update_readme:
+    for path in (os.path.join(REPO, "README.md"), os.path.join(REPO, "bench", "README.md")):
+      update_readme(path, md, os.path.relpath(base, os.path.dirname(path)), start=README7B_START, end=README7B_END,
+                    chart=False)
+  print(md)
+  return dict(meta=meta, report=rep, raw=results)
+
+
+def update_readme(path: str, md: str, base_rel: str, start: str = README_START, end: str = README_END,
+                  chart: bool = True) -> None:
   """Replace the text between the bench markers of README.md with the latest table (markers must exist)."""
   with open(path, encoding="utf-8") as f:
     text = f.read()
-  if README_START not in text or README_END not in text:
-    raise SystemExit(f"{path} has no {README_START} … {README_END} markers")
+  if start not in text or end not in text:
+    raise SystemExit(f"{path} has no {start} … {end} markers")
   body = md.split("\n", 2)[2] if md.startswith("###") else md  # drop the title line: the README has its own
-  block = (f"{README_START}\nLatest run: [`{base_rel}.md`]({base_rel}.md), chart [`{base_rel}.png`]({base_rel}.png)."
-           f"\n\n{body.strip()}\n{README_END}")
-  text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: block, text, flags=re.S)
+  link = f"Latest run: [`{base_rel}.md`]({base_rel}.md)" + (
+      f", chart [`{base_rel}.png`]({base_rel}.png)." if chart else ".")
+  block = f"{start}\n{link}\n\n{body.strip()}\n{end}"
+  text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
 

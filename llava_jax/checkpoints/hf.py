@@ -2,9 +2,10 @@
 
 Loading is a stream: for each parameter leaf, read its checkpoint tensor(s) (all layer slices of a stacked
 leaf, nothing more), convert with the key table's transform, cast to the parameter dtype and place it on its
-target device / sharding before reading the next leaf. Host memory holds at most a few copies of one leaf,
-never the model twice. Readers: `reader.py`; layouts and configs: `layouts.py`; export: `export.py`;
-orbax save/restore: `orbax_params.py`.
+target device / sharding before reading the next leaf. A stacked (scanned) leaf is filled layer slice by
+layer slice into one 64-byte-aligned array, which `jax.device_put` on the CPU backend adopts without a copy:
+loading holds the params plus one leaf and one layer slice, never the model twice. Readers: `reader.py`;
+layouts and configs: `layouts.py`; export: `export.py`; orbax save/restore: `orbax_params.py`.
 """
 from __future__ import annotations
 

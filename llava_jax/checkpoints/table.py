@@ -103,28 +103,44 @@ def params_from_tensors(specs: Iterable[KeySpec], get_tensor: Callable[[str], np
   dtype = None if dtype is None else np.dtype(_np_dtype(dtype))
   params: dict = {}
   for path, rows in group_by_leaf(specs, scan_layers).items():
-    arrays = []
-    for s in rows:
+
+    def read(s):
       try:
         x = get_tensor(s.hf_key)
       except KeyError:
         raise KeyError(f"checkpoint has no tensor {s.hf_key!r} (needed for param {'/'.join(path)})") from None
-      x = s.to_flax(np.asarray(x))
-      arrays.append(x if dtype is None else x.astype(dtype))
+      return s.to_flax(np.asarray(x))
+
     if scan_layers and rows[0].layer is not None:
       got = [s.layer for s in rows]
       if got != list(range(len(rows))):
         raise ValueError(f"param {'/'.join(path)}: layer rows {got} do not cover 0..{len(rows) - 1} once each")
-      shapes = {a.shape for a in arrays}
-      if len(shapes) > 1:
-        raise ValueError(f"param {'/'.join(path)}: layers have different shapes {sorted(shapes)}")
-      value = np.stack(arrays)
+      value = None
+      for i, s in enumerate(rows):  # each slice cast straight into the stacked array: no list of slices
+        x = read(s)
+        if value is None:
+          value = aligned_empty((len(rows),) + x.shape, x.dtype if dtype is None else dtype)
+        elif x.shape != value.shape[1:]:
+          raise ValueError(f"param {'/'.join(path)}: layers have different shapes {sorted({value.shape[1:], x.shape})}")
+        value[i] = x
+        del x
     else:
-      if len(arrays) > 1:
+      if len(rows) > 1:
         raise ValueError(f"param {'/'.join(path)} is filled by several rows: {[s.hf_key for s in rows]}")
-      value = arrays[0]
+      value = read(rows[0])
+      value = value if dtype is None else value.astype(dtype)
     set_in(params, path, value)
   return params
+
+
+def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
+  """np.empty whose data starts on an `alignment`-byte boundary: `jax.device_put` on the CPU backend then
+  adopts the buffer instead of copying it (a stacked [L, ...] leaf is held once, not twice, while loading)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(nbytes + alignment, np.uint8)
+  start = (-raw.ctypes.data) % alignment
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _np_dtype(dtype):

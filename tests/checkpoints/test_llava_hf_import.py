@@ -13,6 +13,7 @@ from llava_jax import load_pretrained
 from llava_jax.checkpoints.hf import CheckpointFormatError, CheckpointKeyError
 from llava_jax.models.llava import param_shardings
 from llava_jax.checkpoints.layouts import llava_hf_config
+from llava_jax.checkpoints.table import get_in
 from llava_jax.parallel import make_mesh
 from tests.fixtures import hf_checkpoints as H
 
@@ -182,3 +183,38 @@ def test_streams_leaf_by_leaf(model, saved, monkeypatch):
   assert n == 0 and len(reads_between) == len(jax.tree.leaves(params))
   assert max(reads_between) == max(config.vision.num_hidden_layers, config.text.num_hidden_layers)
   assert min(reads_between) == 1
+
+
+@pytest.mark.parametrize("ckpt_dtype,dtype", [(torch.float32, "bfloat16"), (torch.bfloat16, "bfloat16"),
+                                              (torch.float32, "float32")])
+def test_stacked_leaves_are_filled_in_place_with_the_checkpoint_values(model, tmp_path, monkeypatch, ckpt_dtype, dtype):
+  """Every layer slice of every stacked leaf equals transformers' tensor (cast to the param dtype), and on the
+  CPU backend `device_put` adopts the stacked array the loader filled (no second copy of the leaf)."""
+  from llava_jax.checkpoints import hf
+  from llava_jax.checkpoints.export import llava_hf_key_specs
+  sd = {k: v.to(ckpt_dtype) for k, v in H.rename(H.state_dict(model), H.HUB).items()}
+  H.write_safetensors(str(tmp_path), sd, shards=2)
+  model.config.to_json_file(str(tmp_path / "config.json"))
+  adopted = {}
+  place = hf._place
+
+  def recording_place(leaf, sh, path):
+    out = place(leaf, sh, path)
+    adopted[path] = leaf.ctypes.data == out.unsafe_buffer_pointer()
+    return out
+
+  monkeypatch.setattr(hf, "_place", recording_place)
+  config, params = load_pretrained(str(tmp_path), dtype=dtype)
+  assert config.runtime.scan_layers
+  stacked = 0
+  for spec in llava_hf_key_specs(config):
+    ref = spec.to_flax(sd[spec.hf_key].float().numpy()).astype(jnp.dtype(dtype))
+    leaf = np.asarray(get_in(params, spec.path))
+    if spec.layer is not None:
+      leaf, stacked = leaf[spec.layer], stacked + 1
+      if jax.default_backend() == "cpu":
+        assert adopted[spec.path], spec.path
+    assert leaf.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(leaf.astype(np.float32), ref.astype(np.float32), err_msg=spec.hf_key)
+  # LLaMA: q/k/v/o, gate/up/down, 2 norms per layer; CLIP: q/k/v/out, fc1/fc2 and 2 LayerNorms, weight + bias each
+  assert stacked == 9 * config.text.num_hidden_layers + 16 * config.vision.num_hidden_layers
