@@ -7,7 +7,11 @@ of candidates — the recipe as configured, then one memory saver at a time:
   2. chunked vocabulary loss (no [B, T, V] float32 logits)
   3. remat policy → 'full' (save only each layer's input)
   4. micro-batches ×2, ×4, ... (gradient accumulation) down to one row per device per micro-batch
-stopping at the first that fits in (1 - headroom) × the chip's memory. With `explore`, policies that
+stopping at the first that fits in (1 - headroom) × the chip's memory. The micro-batch ladder is bisected (memory
+falls as micro-batches grow): the fewest micro-batches that fit in ~log2(ladder) compiles instead of one each.
+Before compiling anything, the state alone (trainable and frozen parameters, optimizer state: the training's own
+abstract TrainState, so LoRA adapters and quantized frozen kernels count as they are stored) is counted per
+device; when it exceeds the budget nothing can fit and nothing is compiled. With `explore`, policies that
 recompute less ('save_attn_out', 'dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are
 analytical (`llava_jax.scale.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
 steps × step time.
@@ -23,7 +27,7 @@ from llava_jax.config import ATTENTION_IMPLS
 from llava_jax.scale import flops as flops_lib
 from llava_jax.scale import tpu as tpu_lib
 from llava_jax.scale.hardware import GIB, Topology, get_topology
-from llava_jax.scale.memory import Candidate, MeasureProcess, MemoryReport, measure
+from llava_jax.scale.memory import Candidate, MeasureProcess, MemoryReport, measure, measure_state
 
 DEFAULT_MFU = 0.4
 DEFAULT_HEADROOM = 0.10
@@ -78,6 +82,7 @@ class Plan:
   problem: str = ""
   epochs: float = 1.0
   backend_note: str = ""     # why the simulated-CPU fallback was used for a TPU topology
+  state: Optional[MemoryReport] = None  # the state alone per device, counted before compiling (`measure_state`)
   flops_fn: Optional[Callable] = dataclasses.field(default=None, repr=False)
 
   @property
@@ -87,6 +92,11 @@ class Plan:
   @property
   def fits(self) -> bool:
     return self.chosen is not None
+
+  @property
+  def state_exceeds_budget(self) -> bool:
+    """The state alone (params + optimizer state per device) is over the budget: nothing was compiled."""
+    return self.state is not None and self.state.error is None and self.state.state > self.budget_bytes
 
   def wall_clock_hours(self, seq_len: Optional[int] = None) -> Optional[float]:
     """Projected hours of the whole run for the chosen candidate (rows of `seq_len` tokens, default max)."""
@@ -181,7 +191,9 @@ def fast_attention(platform: str, compute_dtype: str) -> str:
   return "chunked"
 
 
-def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str, rows_per_device: int) -> List[Candidate]:
+def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str,
+                    rows_per_device: int) -> Tuple[List[Candidate], List[Candidate]]:
+  """(the recipe then one saver at a time, the micro-batch ladder ×2, ×4, ... after the last of them)."""
   out = [base]
   cur = base
   if cur.attention_impl not in ("chunked", "cudnn", "splash"):
@@ -193,11 +205,12 @@ def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str, row
   if cur.remat_policy != "full":
     cur = dataclasses.replace(cur, remat_policy="full")
     out.append(cur)
+  ladder = []
   k = cur.micro_batches
   while rows_per_device % (k * 2) == 0:
     k *= 2
-    out.append(dataclasses.replace(cur, micro_batches=k))
-  return out
+    ladder.append(dataclasses.replace(cur, micro_batches=k))
+  return out, ladder
 
 
 def _count(tree) -> int:
@@ -251,8 +264,10 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   mesh = resolve_mesh(tuple(config.mesh), n, gb, t.num_attention_heads, t.num_key_value_heads)
   shards = mesh[0] * mesh[1]
   freeze = tcfg.get("freeze", r"vision_tower/.*") or None
-  # an abstract key: counting parameters must not start a backend in this process (the child compiles)
-  shapes = jax.eval_shape(lambda r: init_params(model_config, r), jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
+  # an abstract key: counting parameters must not start a backend in this process (the child compiles); XLA
+  # attention: the kernel does not change the parameters, and 'cudnn' cannot even be traced without a GPU
+  shapes = jax.eval_shape(lambda r: init_params(model_config.with_runtime(attention_impl="xla"), r),
+                          jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
   trainable, frozen = split_params(shapes, tcfg.trainable, freeze)
   decoder_trainable = bool(trainable.get("language_model"))
   projector_trainable = bool(trainable.get("multi_modal_projector"))
@@ -289,7 +304,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   base = Candidate(mesh=mesh, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
                    micro_batches=int(tcfg.micro_batches),
                    chunked_loss=LOSS_CHUNK if loss is True else int(loss or 0), param_dtype=rt.param_dtype)
-  queue = _saver_sequence(base, topo, rt.dtype, result.rows_per_device)[:max_trials]
+  savers, ladder = _saver_sequence(base, topo, rt.dtype, result.rows_per_device)
   budget = result.budget_bytes
 
   worker = None
@@ -298,6 +313,8 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
                             total_steps=steps or 1000)
   run = (lambda c: worker.measure(c)) if worker is not None else (
       lambda c: measure(config, c, list(devices)[:n], seq_len=seq_len, total_steps=steps or 1000))
+  count_state = (lambda c: worker.measure(c, state_only=True)) if worker is not None else (
+      lambda c: measure_state(config, c, list(devices)[:n], total_steps=steps or 1000))
 
   def attempt(c: Candidate) -> Trial:
     report = run(c)
@@ -312,11 +329,26 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
     return trial
 
   try:
-    for c in queue:
+    result.state = count_state(base)
+    if result.state_exceeds_budget:
+      if log is not None:
+        log(f"  the state alone is {_gib(result.state.state)} GiB per device > the budget {_gib(budget)}: "
+            "nothing compiled")
+      return result
+    for c in savers[:max_trials]:
       trial = attempt(c)
       if trial.fits:
         result.chosen = trial
         break
+    # the micro-batch ladder, bisected: the fewest micro-batches that fit (memory falls as they grow)
+    lo, hi = 0, (len(ladder) - 1 if result.chosen is None else -1)
+    while lo <= hi and len(result.trials) < max_trials:
+      mid = (lo + hi) // 2
+      trial = attempt(ladder[mid])
+      if trial.fits:
+        result.chosen, hi = trial, mid - 1
+      else:
+        lo = mid + 1
     if explore and result.chosen is not None:
       for policy in ("save_attn_out", "dots_no_batch", "dots"):  # only those that recompute less
         c = dataclasses.replace(result.chosen.candidate, remat_policy=policy)
@@ -328,6 +360,17 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
     if worker is not None:
       worker.close()
   return result
+
+
+def state_line(p: Plan) -> str:
+  """What the state per device is made of: why a set-up fits or does not before any activation."""
+  m = p.state
+  if m.error:
+    return f"  state: could not be counted ({m.error})"
+  return (f"  state per device: {_gib(m.state)} GiB = frozen {_gib(m.frozen)} ({p.frozen_params / 1e9:.2f} B params, "
+          f"no gradient or optimizer state) + trainable {_gib(m.params)} ({p.trainable_params / 1e9:.3f} B params) + "
+          f"optimizer {_gib(m.optimizer)} (of the trainable only); gradients of the trainable params come on top, "
+          "inside the temporaries")
 
 
 def render(p: Plan) -> str:
@@ -348,8 +391,18 @@ def render(p: Plan) -> str:
   if p.problem:
     lines.append(f"  PROBLEM: {p.problem}")
     return "\n".join(lines)
+  if p.state is not None:
+    lines.append(state_line(p))
   lines.append("")
-  header = f"  {'#':>2}  {'candidate':<94} {'params':>6} {'opt':>6} {'temp':>6} {'total':>6}  fits  recompute"
+  if p.state_exceeds_budget:
+    lines.append(f"  NOTHING FITS on this topology: the state alone is {_gib(p.state.state)} GiB per device, over the "
+                 f"budget of {_gib(p.budget_bytes)} GiB (nothing compiled: no activation, gradient or micro-batch "
+                 "setting can change that).")
+    lines.append("  Use more devices (FSDP shards the state over all of them), chips with more memory, or train less "
+                 "(LoRA: model.runtime.lora with train.trainable=recipes.LORA_TRAINABLE; a quantized frozen base).")
+    return "\n".join(lines)
+  header = (f"  {'#':>2}  {'candidate':<94} {'frozen':>6} {'train':>6} {'opt':>6} {'temp':>6} {'total':>6}  fits  "
+            "recompute")
   lines += [header + "   (GiB per device)", "  " + "-" * (len(header) - 2)]
   for i, tr in enumerate(p.trials, 1):
     m = tr.memory
@@ -357,9 +410,9 @@ def render(p: Plan) -> str:
       lines.append(f"  {i:>2}  {tr.candidate.label():<94} error: {m.error}")
       continue
     mark = "<-" if tr is p.chosen else ""
-    lines.append(f"  {i:>2}  {tr.candidate.label():<94} {_gib(m.params + m.frozen):>6} {_gib(m.optimizer):>6} "
-                 f"{_gib(tr.temporaries):>6} {_gib(tr.total):>6}  {'yes' if tr.fits else 'NO':<4}  "
-                 f"×{tr.flops.recompute_factor:.2f} {mark}")
+    lines.append(f"  {i:>2}  {tr.candidate.label():<94} {_gib(m.frozen):>6} {_gib(m.params):>6} "
+                 f"{_gib(m.optimizer):>6} {_gib(tr.temporaries):>6} {_gib(tr.total):>6}  "
+                 f"{'yes' if tr.fits else 'NO':<4}  ×{tr.flops.recompute_factor:.2f} {mark}")
   lines.append("")
   if p.chosen is None:
     best = min((tr for tr in p.trials if not tr.memory.error), key=lambda tr: tr.total, default=None)

@@ -9,7 +9,6 @@ compile on a CPU, so run it in the background: `nice python -m llava_jax.scale.t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -18,7 +17,8 @@ from typing import List, Optional
 
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llava_jax.scale.recipe_files import REPO, load_config
+
 GIB = 1024 ** 3
 
 
@@ -54,15 +54,6 @@ _CONTEXT = flags.DEFINE_integer("serve_context", 4096, "Serving: tokens of conte
 _SERVE_CHECKS = flags.DEFINE_integer("serve_checks", 3, "Serving: compiles after the 1- and 2-row ones in the search "
                                      "for the largest batch (each a 7B/13B compile of minutes).")
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the tables from --out.")
-
-
-def load_config(path: str):
-  """configs/<name>.py[:arg] → its ConfigDict."""
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("recipe_" + os.path.basename(file)[:-3], os.path.join(REPO, file))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def changes(base, chosen) -> str:

@@ -1,0 +1,205 @@
+"""What fits for fine-tuning v1.5-7B on one GPU or a small TPU slice: full fine-tune vs LoRA vs QLoRA.
+
+`python -m llava_jax.scale.finetune_table [--out=docs/scaling_lora.jsonl] [--render_only]` plans each
+(method, topology) with `plan.plan` — the training's own abstract state and train step, the TPU compiler for
+TPU slices, the simulated CPU devices with calibrated temporaries (labelled) for GPUs — appending one JSON line
+per result to `--out` (rows already there are skipped, so an interrupted run resumes), then prints the markdown
+table of docs/scaling.md ("Fine-tuning 7B on one GPU or a v5e-8").
+
+Each row is one probe, not the plan's whole search: the recipe with every memory saver on (the platform's fast
+attention kernel, chunked vocabulary loss, full remat) at `--micro_rows` rows per device per micro-batch (1:
+the least memory any setting of the step needs; the reference's LoRA runs 16). The state (frozen base,
+trainable params, optimizer state) is counted first; when it alone exceeds the budget the row says so without
+compiling. 7B compiles take 5-15 min of one CPU core each: run it niced in the background.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+from absl import app, flags
+
+from llava_jax.scale.recipe_files import REPO, load_config
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  key: str               # the row's key in the JSON lines ('lora', 'qlora_nf4', ...)
+  label: str
+  config: str            # 'configs/v15_lora.py:7b'
+  quantize: Optional[str] = None  # model.runtime.quantize of the frozen base (None: param_dtype)
+
+
+METHODS = (
+    Method("full", "full fine-tune (LLM + projector)", "configs/v15_stage2.py:7b"),
+    Method("lora", "LoRA r 128 (adapters + projector)", "configs/v15_lora.py:7b"),
+    Method("qlora_int8", "QLoRA, int8 base", "configs/v15_lora.py:7b", "int8"),
+    Method("qlora_nf4", "QLoRA, NF4 base", "configs/v15_lora.py:7b", "nf4"),
+)
+TOPOLOGIES = ("1xA100-80G", "1xA100-40G", "v5e-8")
+
+_OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "scaling_lora.jsonl"), "JSON lines: one per result.")
+_METHODS = flags.DEFINE_list("methods", [m.key for m in METHODS], "Methods (keys of METHODS).")
+_TOPOLOGIES = flags.DEFINE_list("topologies", list(TOPOLOGIES), "Topologies.")
+_MICRO_ROWS = flags.DEFINE_integer("micro_rows", 1, "Rows per device per micro-batch of the probe.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "MFU for step times.")
+_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the table from --out.")
+
+
+def quantize_supported() -> bool:
+  """Whether this checkout's RuntimeOptions has `quantize` (the quantized frozen base)."""
+  from llava_jax.config import RuntimeOptions
+  return "quantize" in {f.name for f in dataclasses.fields(RuntimeOptions)}
+
+
+def probe_config(method: Method, topology: str, micro_rows: int = 1):
+  """The method's recipe with every memory saver on, at `micro_rows` rows per device per micro-batch.
+
+  Returns (config, note): note is non-empty when the row cannot be planned in this checkout (e.g. no quantize)."""
+  from llava_jax import recipes
+  from llava_jax.scale.hardware import get_topology
+  from llava_jax.scale.plan import LOSS_CHUNK, fast_attention, resolve_mesh
+  config = load_config(method.config)
+  if method.quantize:
+    if not quantize_supported():
+      return config, "model.runtime.quantize is not in this checkout's RuntimeOptions (quantized bases not merged)"
+    config.model.runtime.quantize = method.quantize
+  topo = get_topology(topology)
+  rt = config.model.runtime
+  rt.attention_impl = fast_attention(topo.platform, rt.dtype)
+  rt.remat_policy = "full"
+  config.train.chunked_loss = True if LOSS_CHUNK == 512 else LOSS_CHUNK
+  text = recipes.llava_config(config.model).text
+  gb = int(config.train.global_batch_size)
+  d, f, _ = resolve_mesh(tuple(config.mesh), topo.num_devices, gb, text.num_attention_heads,
+                         text.num_key_value_heads)
+  rows = gb // (d * f)
+  if rows % micro_rows:
+    return config, f"{rows} rows per device do not split into micro-batches of {micro_rows}"
+  config.train.micro_batches = rows // micro_rows
+  return config, ""
+
+
+def row(method: Method, topology: str, micro_rows: int, mfu: float) -> dict:
+  """Plan one (method, topology) probe → a JSON-able row."""
+  from llava_jax.scale.plan import plan
+  out = dict(method=method.key, label=method.label, config=method.config, quantize=method.quantize,
+             topology=topology, micro_rows=micro_rows)
+  config, note = probe_config(method, topology, micro_rows)
+  if note:
+    return dict(out, skipped=note)
+  t0 = time.time()
+  p = plan(config, topology, recipe=method.config, mfu=mfu, max_trials=1, log=lambda s: print(s, flush=True))
+  out.update(backend=p.backend, backend_note=p.backend_note, temp_factor=p.temp_factor, budget=p.budget_bytes,
+             memory=p.topology.chip.memory_bytes, devices=p.topology.num_devices, problem=p.problem, fits=p.fits,
+             trainable_params=p.trainable_params, frozen_params=p.frozen_params, seconds=time.time() - t0,
+             state_exceeds=p.state_exceeds_budget)
+  if p.state is not None:
+    out.update(frozen=p.state.frozen, trainable=p.state.params, optimizer=p.state.optimizer,
+               state_error=p.state.error)
+  if p.trials:
+    tr = p.trials[0]
+    out.update(candidate=tr.candidate.label(), overrides=tr.candidate.overrides(), error=tr.memory.error,
+               temporaries=tr.temporaries, total=tr.total, raw_temporaries=tr.memory.temporaries,
+               compile_seconds=tr.memory.compile_seconds, step_seconds=tr.step_seconds)
+  print(p.render(), flush=True)
+  return out
+
+
+def _gib(x) -> str:
+  return f"{x / GIB:.1f}"
+
+
+def _where(r: dict) -> str:
+  if r.get("backend") == "tpu":
+    return f"{r['topology']} (TPU compiler)"
+  return f"{r['topology']} (simulated CPU, temp. ×{r.get('temp_factor', 1.25):g})"
+
+
+def render(rows: List[dict], methods=METHODS, topologies=TOPOLOGIES) -> str:
+  """The markdown table from the JSON rows (the last row per method, topology and micro-batch size); the pairs
+  without a row are listed as not planned yet."""
+  by_key: Dict[tuple, dict] = {}
+  for r in rows:
+    by_key[(r["method"], r["topology"], r["micro_rows"])] = r
+  lines = ["| method | topology | fits? | GiB / device: frozen + trainable + optimizer = state | temp. | total "
+           "(budget) | rows / micro-batch |", "|---|---|---|---|---|---|---|"]
+  missing = []
+  for m in methods:
+    for t in topologies:
+      found = sorted((r for (k, tt, _), r in by_key.items() if k == m.key and tt == t), key=lambda r: r["micro_rows"])
+      if not found:
+        missing.append(f"{m.label} on {t}")
+        continue
+      for r in found:
+        if r.get("skipped"):
+          lines.append(f"| {m.label} | {t} | not planned: {r['skipped']} | | | | |")
+          continue
+        state = (f"{_gib(r['frozen'])} + {_gib(r['trainable'])} + {_gib(r['optimizer'])} = "
+                 f"{_gib(r['frozen'] + r['trainable'] + r['optimizer'])}" if r.get("frozen") is not None else "")
+        budget = f"({_gib(r['budget'])})"
+        if r.get("problem"):
+          lines.append(f"| {m.label} | {_where(r)} | PROBLEM: {r['problem']} | | | | |")
+        elif r.get("state_exceeds"):
+          lines.append(f"| {m.label} | {_where(r)} | **no**: the state alone is over the budget (not compiled) | "
+                       f"{state} | | {budget} | |")
+        elif r.get("error"):
+          lines.append(f"| {m.label} | {_where(r)} | compile error: {r['error'][:120]} | {state} | | {budget} | "
+                       f"{r['micro_rows']} |")
+        else:
+          verdict = "**yes**" if r["fits"] else "**no**"
+          lines.append(f"| {m.label} | {_where(r)} | {verdict} | {state} | {_gib(r['temporaries'])} | "
+                       f"{_gib(r['total'])} {budget} | {r['micro_rows']} |")
+  text = "\n".join(lines)
+  if missing:
+    text += "\n\nNot planned yet (`nice python -m llava_jax.scale.finetune_table` adds them): " + "; ".join(missing) + "."
+  return text
+
+
+def _read(path: str) -> List[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv):
+  del argv
+  rows = _read(_OUT.value)
+  if not _RENDER_ONLY.value:
+    import jax
+    jax.config.update("jax_platforms", "cpu")  # this process only counts; the compiles run in child processes
+    from llava_jax.scale import tpu
+    known = {m.key: m for m in METHODS}
+    unknown = [k for k in _METHODS.value if k not in known]
+    if unknown:
+      sys.exit(f"unknown methods {unknown}; known: {sorted(known)}")
+    done = {(r["method"], r["topology"], r["micro_rows"]) for r in rows if not r.get("skipped")}
+    for key in _METHODS.value:
+      for t in _TOPOLOGIES.value:
+        if (key, t, _MICRO_ROWS.value) in done:
+          continue
+        print(f"== {key} on {t}, {_MICRO_ROWS.value} row(s) per micro-batch", flush=True)
+        try:
+          r = row(known[key], t, _MICRO_ROWS.value, _MFU.value)
+        except Exception as e:  # noqa: BLE001 — one failed row must not lose the others
+          print(f"   failed: {type(e).__name__}: {e}", flush=True)
+          continue
+        if r.get("skipped"):
+          print(f"   not planned: {r['skipped']}", flush=True)
+          continue
+        r.update(jax=jax.__version__, libtpu=tpu.libtpu_version())
+        rows.append(r)
+        with open(_OUT.value, "a") as f:
+          f.write(json.dumps(r) + "\n")
+  print(render(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
