@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from absl import app, flags
 
@@ -34,11 +35,13 @@ class Method:
   label: str
   config: str            # 'configs/v15_lora.py:7b'
   quantize: Optional[str] = None  # model.runtime.quantize of the frozen base (None: param_dtype)
+  param_dtype: Optional[str] = None  # model.runtime.param_dtype (None: the recipe's, float32)
 
 
 METHODS = (
     Method("full", "full fine-tune (LLM + projector)", "configs/v15_stage2.py:7b"),
     Method("lora", "LoRA r 128 (adapters + projector)", "configs/v15_lora.py:7b"),
+    Method("lora_bf16", "LoRA r 128, bf16 params", "configs/v15_lora.py:7b", param_dtype="bfloat16"),
     Method("qlora_int8", "QLoRA, int8 base", "configs/v15_lora.py:7b", "int8"),
     Method("qlora_nf4", "QLoRA, NF4 base", "configs/v15_lora.py:7b", "nf4"),
 )
@@ -49,6 +52,7 @@ _METHODS = flags.DEFINE_list("methods", [m.key for m in METHODS], "Methods (keys
 _TOPOLOGIES = flags.DEFINE_list("topologies", list(TOPOLOGIES), "Topologies.")
 _MICRO_ROWS = flags.DEFINE_integer("micro_rows", 1, "Rows per device per micro-batch of the probe.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "MFU for step times.")
+_SEARCH = flags.DEFINE_bool("search", False, "When --micro_rows rows do not fit, bisect down to 1 row (more compiles).")
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the table from --out.")
 
 
@@ -72,6 +76,8 @@ def probe_config(method: Method, topology: str, micro_rows: int = 1):
     config.model.runtime.quantize = method.quantize
   topo = get_topology(topology)
   rt = config.model.runtime
+  if method.param_dtype:
+    rt.param_dtype = method.param_dtype
   rt.attention_impl = fast_attention(topo.platform, rt.dtype)
   rt.remat_policy = "full"
   config.train.chunked_loss = True if LOSS_CHUNK == 512 else LOSS_CHUNK
@@ -86,16 +92,18 @@ def probe_config(method: Method, topology: str, micro_rows: int = 1):
   return config, ""
 
 
-def row(method: Method, topology: str, micro_rows: int, mfu: float) -> dict:
-  """Plan one (method, topology) probe → a JSON-able row."""
+def row(method: Method, topology: str, micro_rows: int, mfu: float, search: bool = False) -> dict:
+  """Plan one (method, topology) probe → a JSON-able row. search: when `micro_rows` rows per micro-batch do not
+  fit, the plan bisects the micro-batch ladder down to 1 row (a few more compiles) for the most that fit."""
   from llava_jax.scale.plan import plan
   out = dict(method=method.key, label=method.label, config=method.config, quantize=method.quantize,
-             topology=topology, micro_rows=micro_rows)
+             param_dtype=method.param_dtype, topology=topology, micro_rows=micro_rows, search=bool(search))
   config, note = probe_config(method, topology, micro_rows)
   if note:
     return dict(out, skipped=note)
   t0 = time.time()
-  p = plan(config, topology, recipe=method.config, mfu=mfu, max_trials=1, log=lambda s: print(s, flush=True))
+  p = plan(config, topology, recipe=method.config, mfu=mfu, max_trials=6 if search else 1,
+           log=lambda s: print(s, flush=True))
   out.update(backend=p.backend, backend_note=p.backend_note, temp_factor=p.temp_factor, budget=p.budget_bytes,
              memory=p.topology.chip.memory_bytes, devices=p.topology.num_devices, problem=p.problem, fits=p.fits,
              trainable_params=p.trainable_params, frozen_params=p.frozen_params, seconds=time.time() - t0,
@@ -104,10 +112,14 @@ def row(method: Method, topology: str, micro_rows: int, mfu: float) -> dict:
     out.update(frozen=p.state.frozen, trainable=p.state.params, optimizer=p.state.optimizer,
                state_error=p.state.error)
   if p.trials:
-    tr = p.trials[0]
+    measured = [tr for tr in p.trials if not tr.memory.error]
+    tr = p.chosen or (min(measured, key=lambda t: t.total) if measured else p.trials[0])
     out.update(candidate=tr.candidate.label(), overrides=tr.candidate.overrides(), error=tr.memory.error,
                temporaries=tr.temporaries, total=tr.total, raw_temporaries=tr.memory.temporaries,
-               compile_seconds=tr.memory.compile_seconds, step_seconds=tr.step_seconds)
+               compile_seconds=tr.memory.compile_seconds, step_seconds=tr.step_seconds,
+               rows=p.rows_per_device // tr.candidate.micro_batches,
+               trials=[dict(rows=p.rows_per_device // t.candidate.micro_batches, total=t.total, fits=t.fits,
+                            error=t.memory.error, seconds=t.memory.compile_seconds) for t in p.trials])
   print(p.render(), flush=True)
   return out
 
@@ -122,40 +134,55 @@ def _where(r: dict) -> str:
   return f"{r['topology']} (simulated CPU, temp. ×{r.get('temp_factor', 1.25):g})"
 
 
+def _rows(r: dict) -> int:
+  return int(r.get("rows", r["micro_rows"]))
+
+
+def _compiled(r: dict) -> list:
+  """(rows per micro-batch, fits) of every compile a row made."""
+  if r.get("trials"):
+    return [(t["rows"], bool(t["fits"])) for t in r["trials"]]
+  return [(_rows(r), bool(r.get("fits")))] if "total" in r or r.get("error") else []
+
+
 def render(rows: List[dict], methods=METHODS, topologies=TOPOLOGIES) -> str:
-  """The markdown table from the JSON rows (the last row per method, topology and micro-batch size); the pairs
-  without a row are listed as not planned yet."""
-  by_key: Dict[tuple, dict] = {}
-  for r in rows:
-    by_key[(r["method"], r["topology"], r["micro_rows"])] = r
+  """The markdown table from the JSON rows: per (method, topology) the most rows per micro-batch compiled that fit
+  (or, when none fits, the least-memory probe), and the fewest compiled that did not; the pairs without a row are
+  listed as not planned yet."""
   lines = ["| method | topology | fits? | GiB / device: frozen + trainable + optimizer = state | temp. | total "
            "(budget) | rows / micro-batch |", "|---|---|---|---|---|---|---|"]
   missing = []
   for m in methods:
     for t in topologies:
-      found = sorted((r for (k, tt, _), r in by_key.items() if k == m.key and tt == t), key=lambda r: r["micro_rows"])
+      found = [r for r in rows if r["method"] == m.key and r["topology"] == t]
       if not found:
         missing.append(f"{m.label} on {t}")
         continue
-      for r in found:
-        if r.get("skipped"):
-          lines.append(f"| {m.label} | {t} | not planned: {r['skipped']} | | | | |")
-          continue
-        state = (f"{_gib(r['frozen'])} + {_gib(r['trainable'])} + {_gib(r['optimizer'])} = "
-                 f"{_gib(r['frozen'] + r['trainable'] + r['optimizer'])}" if r.get("frozen") is not None else "")
-        budget = f"({_gib(r['budget'])})"
-        if r.get("problem"):
-          lines.append(f"| {m.label} | {_where(r)} | PROBLEM: {r['problem']} | | | | |")
-        elif r.get("state_exceeds"):
-          lines.append(f"| {m.label} | {_where(r)} | **no**: the state alone is over the budget (not compiled) | "
-                       f"{state} | | {budget} | |")
-        elif r.get("error"):
-          lines.append(f"| {m.label} | {_where(r)} | compile error: {r['error'][:120]} | {state} | | {budget} | "
-                       f"{r['micro_rows']} |")
-        else:
-          verdict = "**yes**" if r["fits"] else "**no**"
-          lines.append(f"| {m.label} | {_where(r)} | {verdict} | {state} | {_gib(r['temporaries'])} | "
-                       f"{_gib(r['total'])} {budget} | {r['micro_rows']} |")
+      fitting = [r for r in found if r.get("fits")]
+      r = max(fitting, key=_rows) if fitting else min(found, key=_rows)
+      state = (f"{_gib(r['frozen'])} + {_gib(r['trainable'])} + {_gib(r['optimizer'])} = "
+               f"{_gib(r['frozen'] + r['trainable'] + r['optimizer'])}" if r.get("frozen") is not None else "")
+      budget = f"({_gib(r['budget'])})" if r.get("budget") else ""
+      if r.get("problem"):
+        lines.append(f"| {m.label} | {_where(r)} | PROBLEM: {r['problem']} | | | | |")
+        continue
+      if r.get("state_exceeds"):
+        lines.append(f"| {m.label} | {_where(r)} | **no**: the state alone is over the budget (not compiled) | "
+                     f"{state} | | {budget} | any |")
+        continue
+      failed = sorted(n for x in found for n, ok in _compiled(x) if not ok and n > _rows(r))
+      rows_ = str(_rows(r)) + (f" ({failed[0]}: no)" if failed else "")
+      if "RESOURCE_EXHAUSTED" in (r.get("error") or ""):  # the TPU compiler's own verdict: over the HBM
+        need = re.search(r"temporaries \(([^)]*)\) exceeds available HBM \(([^)]*)\)", r["error"])
+        why = f"HLO temporaries {need.group(1)} > {need.group(2)} of HBM" if need else "out of HBM"
+        lines.append(f"| {m.label} | {_where(r)} | **no**: the TPU compiler refuses it ({why}) | {state} | | "
+                     f"{budget} | {rows_} |")
+      elif r.get("error"):
+        lines.append(f"| {m.label} | {_where(r)} | compile error: {r['error'][:120]} | {state} | | {budget} | "
+                     f"{rows_} |")
+      else:
+        lines.append(f"| {m.label} | {_where(r)} | {'**yes**' if r['fits'] else '**no**'} | {state} | "
+                     f"{_gib(r['temporaries'])} | {_gib(r['total'])} {budget} | {rows_} |")
   text = "\n".join(lines)
   if missing:
     text += "\n\nNot planned yet (`nice python -m llava_jax.scale.finetune_table` adds them): " + "; ".join(missing) + "."
@@ -180,14 +207,14 @@ def main(argv):
     unknown = [k for k in _METHODS.value if k not in known]
     if unknown:
       sys.exit(f"unknown methods {unknown}; known: {sorted(known)}")
-    done = {(r["method"], r["topology"], r["micro_rows"]) for r in rows if not r.get("skipped")}
+    done = {(r["method"], r["topology"], r["micro_rows"], r.get("search", False)) for r in rows}
     for key in _METHODS.value:
       for t in _TOPOLOGIES.value:
-        if (key, t, _MICRO_ROWS.value) in done:
+        if (key, t, _MICRO_ROWS.value, _SEARCH.value) in done:
           continue
         print(f"== {key} on {t}, {_MICRO_ROWS.value} row(s) per micro-batch", flush=True)
         try:
-          r = row(known[key], t, _MICRO_ROWS.value, _MFU.value)
+          r = row(known[key], t, _MICRO_ROWS.value, _MFU.value, _SEARCH.value)
         except Exception as e:  # noqa: BLE001 — one failed row must not lose the others
           print(f"   failed: {type(e).__name__}: {e}", flush=True)
           continue

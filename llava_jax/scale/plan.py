@@ -237,6 +237,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   log: called with a line per measured candidate (progress).
   """
   import jax
+  from flax import traverse_util
   from llava_jax import recipes
   from llava_jax.models.llava import init_params
   from llava_jax.train.state import split_params
@@ -269,7 +270,9 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   shapes = jax.eval_shape(lambda r: init_params(model_config.with_runtime(attention_impl="xla"), r),
                           jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
   trainable, frozen = split_params(shapes, tcfg.trainable, freeze)
-  decoder_trainable = bool(trainable.get("language_model"))
+  # LoRA: adapters (their FLOPs: flops.lora_flops_per_token) do not make the base matmuls trained
+  decoder_trainable = any(not str(path[-1]).startswith("lora_")
+                          for path in traverse_util.flatten_dict(trainable.get("language_model") or {}))
   projector_trainable = bool(trainable.get("multi_modal_projector"))
 
   def flops_fn(c: Candidate, length: int) -> flops_lib.StepFlops:

@@ -52,6 +52,13 @@ def test_lora_plan_counts_optimizer_state_for_the_trainable_only():
   m = p.chosen.memory
   assert (m.params, m.frozen, m.optimizer) == (s.params, s.frozen, s.optimizer)  # the compiled step's state
   assert abs(m.arguments - (s.state + m.batch)) < 1 << 20
+  # FLOPs: the base decoder counted frozen (only adapters and projector train), not fully trained
+  from llava_jax.scale import flops as flops_lib
+  mc = recipes.llava_config(config.model)
+  kw = dict(global_batch=8, seq_len=int(config.data.max_length), images=8, projector_trainable=True,
+            remat_policy="none", attention_impl="xla")
+  assert p.chosen.flops.model == flops_lib.step_flops(mc, decoder_trainable=False, **kw).model
+  assert p.chosen.flops.model < flops_lib.step_flops(mc, decoder_trainable=True, **kw).model
   text = p.render()
   assert "state per device" in text and f"{trainable / 1e9:.3f} B params" in text
   assert "frozen" in text and "optimizer" in text
@@ -129,3 +136,22 @@ def test_lora_train_step_compiles_for_tpu():
   assert leaves and all(l.endswith(("lora_a", "lora_b")) or l.startswith("multi_modal_projector") for l in leaves)
   assert ma.alias_size_in_bytes == tpu_lib.tiled_bytes_per_device(state, compiled.input_formats[0][0])
   assert ma.temp_size_in_bytes > 0
+
+
+def test_lora_step_flops_against_hand_count():
+  """LoRA 7B: the base matmuls are frozen (forward + activation gradient: 4 FLOPs per weight and token), the
+  adapters trained (6 per adapter weight and token), the attention core 3× its forward — not 6N of the base."""
+  from llava_jax.scale import flops as flops_lib
+  config = load_config("v15_lora", "7b")
+  cfg = recipes.llava_config(config.model)
+  t = cfg.text
+  d, f, layers, v, seq = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size, 2048
+  tokens = 128 * seq
+  base = layers * (4 * d * d + 3 * d * f) + d * v  # q, k, v, o, gate, up, down, lm_head
+  projector = 1024 * d + d + d * d + d
+  adapters = lora_trainable_count(config) - projector
+  assert adapters == 32 * 128 * (8 * d + 3 * (d + f))
+  want = tokens * (4 * base + 6 * adapters + 3 * layers * 4 * seq * d)
+  got = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=False,
+                             projector_trainable=True, remat_policy="none", attention_impl="xla")
+  assert got.model == pytest.approx(want, rel=1e-12)
