@@ -31,6 +31,7 @@ EXTRAS = {
         "torch==2.13.0",
         "peft",          # the LoRA oracle (PeftModel); resolves with the pinned torch 2.13.0 CPU wheel
         "accelerate",
+        "bitsandbytes",  # the NF4 oracle (quantize_4bit / dequantize_4bit run on CPU); installed with --no-deps
         "scikit-image",
         "selenium",      # drives the system Chromium for the chat-page test
         "nbformat",      # the notebooks are executed top to bottom by the tests

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "chunked", "splash")
+QUANTIZE_MODES = ("int8", "int4", "nf4")
 PROJECTOR_TYPES_DOC = "'linear', 'mlp2x_gelu', 'mlp3x_gelu', ... ('mlp{N}x_gelu' generally)"
 
 
@@ -52,8 +53,8 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-  """How the model is computed. None of these fields but `lora` changes the function computed (up to dtype
-  rounding).
+  """How the model is computed. None of these fields but `lora` and `quantize` changes the function computed (up
+  to dtype rounding).
 
   dtype: compute dtype of matmuls and activations ('float32' | 'bfloat16'); norms, softmax and the loss
     always run in float32.
@@ -67,6 +68,10 @@ class RuntimeOptions:
     [T, T] mask or scores, sharded with `shard_map` under a mesh; interpret mode, exact but slow, when the
     target is not a TPU). 'splash' covers the LLaMA decoder without a KV cache (training, `__call__`); the
     KV-cache path (`extend`: prefill and decode) and CLIP's unmasked encoder attention use 'xla' for it.
+  lora: LoRA adapters on the decoder's linear layers (`LoraConfig`, models/lora.py), None for none.
+  quantize: weight-only quantization of the decoder's q/k/v/o/gate/up/down kernels (models/quant.py): None,
+    'int8' (per-output-channel scales), 'int4' (groups of 64) or 'nf4' (bitsandbytes' NF4, blocks of 64).
+    Embeddings, lm_head, norms, vision tower and projector stay in `param_dtype`.
   """
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -74,10 +79,13 @@ class RuntimeOptions:
   remat_policy: str = "none"
   attention_impl: str = "xla"
   lora: Optional[LoraConfig] = None
+  quantize: Optional[str] = None
 
   def __post_init__(self):
     if isinstance(self.lora, dict):
       object.__setattr__(self, "lora", LoraConfig(**self.lora))
+    if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+      raise ValueError(f"quantize={self.quantize!r}; choose None or one of {QUANTIZE_MODES}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:

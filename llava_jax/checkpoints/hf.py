@@ -26,6 +26,7 @@ from llava_jax.checkpoints.orbax_params import restore_params, save_params  # no
 from llava_jax.checkpoints.reader import CheckpointFormatError  # noqa: F401
 from llava_jax.checkpoints.table import get_in, group_by_leaf, params_from_tensors, set_in
 from llava_jax.config import LlavaConfig, RuntimeOptions, dtype_name
+from llava_jax.models import quant
 from llava_jax.models.llava import init_params
 from llava_jax.models.projector import Projector
 
@@ -59,7 +60,8 @@ def load_pretrained(path: str, *, vision_tower: Optional[str] = None, projector:
     None keeps `runtime.param_dtype` (float32 by default).
   runtime: RuntimeOptions of the returned config (scan_layers decides the param tree layout), minus `lora`: a
     checkpoint holds plain weights (a LoRA run re-attaches its `lora` and the train state adds fresh adapters;
-    checkpoints/peft.py imports PEFT ones).
+    checkpoints/peft.py imports PEFT ones). With `runtime.quantize` the decoder's linear kernels are quantized
+    on the host as they are read (models/quant.py), so devices never hold the float decoder.
   mesh: place each leaf on its NamedSharding from the model's logical axes and `parallel.LOGICAL_AXIS_RULES`;
     None puts leaves on the default device.
   allow_pickle: read legacy pickle `.bin` weights (with `torch.load(weights_only=True)`); off by default.
@@ -99,9 +101,12 @@ def param_shardings(config: LlavaConfig, mesh: Mesh):
 
 
 def stream_params(config: LlavaConfig, plan: LoadPlan, *, mesh: Optional[Mesh] = None, seed: int = 0) -> dict:
-  """Fill every param leaf from the plan's sources, one leaf at a time, each placed as soon as it is built."""
+  """Fill every param leaf from the plan's sources, one leaf at a time, each placed (quantized first when
+  `config.runtime.quantize` is set) as soon as it is built."""
   shapes, logical = abstract_params(config)
   shardings = parallel.logical_to_sharding(logical, mesh) if mesh is not None else None
+  mode = config.runtime.quantize
+  float_shapes = shapes if mode is None else abstract_params(config.with_runtime(quantize=None))[0]
   scan = config.runtime.scan_layers
   params: dict = {}
   for src in plan.sources:
@@ -110,7 +115,7 @@ def stream_params(config: LlavaConfig, plan: LoadPlan, *, mesh: Optional[Mesh] =
     for path in order:
       rows = groups[path]
       try:
-        target = get_in(shapes, path)
+        target = get_in(float_shapes, path)
       except (KeyError, TypeError):
         raise CheckpointKeyError(f"{src.name}: tensors {[s.hf_key for s in rows][:3]} map to param "
                                  f"{'/'.join(path)}, which this model does not have") from None
@@ -120,7 +125,7 @@ def stream_params(config: LlavaConfig, plan: LoadPlan, *, mesh: Optional[Mesh] =
         raise CheckpointShapeError(
             f"{src.name}: tensor {keys} gives param {'/'.join(path)} shape {leaf.shape}, but the config "
             f"describes {target.shape}")
-      set_in(params, path, _place(leaf, shardings, path))
+      place_leaf(params, path, leaf, shardings, mode)
       del leaf
     src.reader.close()
   if plan.init_projector:
@@ -136,6 +141,39 @@ def init_projector(config: LlavaConfig, params: dict, shardings, seed: int) -> N
   for path, value in traverse_util.flatten_dict(fresh).items():
     full = ("multi_modal_projector",) + path
     set_in(params, full, _place(np.asarray(value), shardings, full))
+
+
+def place_leaf(params: dict, path: Tuple[str, ...], leaf: np.ndarray, shardings, mode: Optional[str]) -> None:
+  """Put one float host leaf into `params` on its device / sharding. With quantize `mode` set, a decoder
+  q/k/v/o/gate/up/down kernel is quantized on the host first and placed as kernel_q / kernel_scale."""
+  if mode is not None and quant.is_quantized_path(path):
+    for name, value in quant.quantize_kernel(leaf, mode).items():
+      full = path[:-1] + (name,)
+      set_in(params, full, _place(value, shardings, full))
+  else:
+    set_in(params, path, _place(leaf, shardings, path))
+
+
+def place_host_params(host: dict, config: LlavaConfig, mesh: Optional[Mesh] = None) -> dict:
+  """A float param tree of host (numpy) leaves → the params of `config` on `mesh` (default device when None),
+  quantized on the host leaf by leaf when `config.runtime.quantize` is set. Consumes `host` (each leaf is
+  dropped from it once placed, so host memory shrinks as devices fill)."""
+  shapes, logical = abstract_params(config)
+  shardings = parallel.logical_to_sharding(logical, mesh) if mesh is not None else None
+  mode = config.runtime.quantize
+  float_shapes = traverse_util.flatten_dict(
+      shapes if mode is None else abstract_params(config.with_runtime(quantize=None))[0])
+  flat = traverse_util.flatten_dict(host)
+  host.clear()
+  params: dict = {}
+  for path in list(flat):
+    want = float_shapes.get(path)
+    if want is None or tuple(want.shape) != tuple(flat[path].shape):
+      raise CheckpointShapeError(f"param {'/'.join(path)} {flat[path].shape} is not in the config's model "
+                                 f"({'absent' if want is None else want.shape})")
+    place_leaf(params, path, flat.pop(path), shardings, mode)
+  _check_complete(shapes, params)
+  return params
 
 
 def _place(leaf: np.ndarray, shardings, path) -> jax.Array:

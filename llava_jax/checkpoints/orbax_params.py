@@ -9,6 +9,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llava_jax.paths import resolve_dir
@@ -27,19 +28,22 @@ def save_params(path, params: Any, *, force: bool = True) -> str:
   return os.fspath(path)
 
 
-def restore_params(path, target_shardings: Optional[Any] = None) -> Any:
+def restore_params(path, target_shardings: Optional[Any] = None, *, host: bool = False) -> Any:
   """Read params saved by `save_params`.
 
   target_shardings: a pytree of `jax.sharding.Sharding` matching the saved tree (e.g.
     `llava_jax.checkpoints.hf.param_shardings(config, mesh)`): each leaf is read straight onto its shards.
     None puts every leaf on the default device (whatever mesh it was saved from).
+  host: read every leaf as a numpy array in host memory instead (no device); target_shardings is ignored.
   """
   path = resolve_dir(path)
   with ocp.StandardCheckpointer() as ckpt:
     meta = ckpt.metadata(path).item_metadata
     meta = getattr(meta, "tree", meta)  # TreeMetadata wraps the saved pytree
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if target_shardings is None:
+    if host:  # numpy targets make orbax restore numpy arrays
+      target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta)
+    elif target_shardings is None:
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default), meta)
     else:
       target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta,

@@ -161,14 +161,7 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)
   else:
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)  # before the weights: fail fast
-    from llava_jax.checkpoints.hf import param_shardings
-    from llava_jax.checkpoints.orbax_params import restore_params
-    shardings = None if mesh is None else param_shardings(model_config, mesh)
-    try:
-      params = restore_params(path, shardings)
-    except ValueError as e:
-      raise ConfigError(f"{path} does not hold params of the config's model ({e}); pass the --config the run "
-                        f"was trained with") from None
+    params = _restore_orbax(path, model_config, mesh)
   tpl = conv_lib.get_template(template or stage.data.template)
   if tpl.captions_only:
     logger.warning("template %r is the stage-1 captioning format: questions are dropped; pass --template "
@@ -181,6 +174,22 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
       stop_token_ids=stop_token_ids(tpl, tokenizer), stop_strings=conv_lib.stop_strings(tpl),
       aspect_ratio=stage.data.image_aspect_ratio, max_pixels=int(stage.data.max_pixels), mesh=mesh, name=name,
       source=path)
+
+
+def _restore_orbax(path: str, model_config: LlavaConfig, mesh):
+  """Float params saved by training → device params of `model_config`; with `runtime.quantize` set they are
+  read to host memory and quantized leaf by leaf before placement (`hf.place_host_params`)."""
+  from llava_jax.checkpoints.hf import param_shardings, place_host_params
+  from llava_jax.checkpoints.orbax_params import restore_params
+  quantize = model_config.runtime.quantize
+  try:
+    if quantize is None:
+      return restore_params(path, None if mesh is None else param_shardings(model_config, mesh))
+    host = restore_params(path, host=True)
+    return place_host_params(host, model_config, mesh)
+  except (ValueError, KeyError) as e:
+    raise ConfigError(f"{path} does not hold params of the config's model ({e}); pass the --config the run "
+                      f"was trained with") from None
 
 
 def _load_tokenizer(stage, model_config, kind: str, path: str, run_dir: Optional[str]):

@@ -35,7 +35,7 @@ import flax.struct
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import RopeScaling, RuntimeOptions, TextConfig
-from llava_jax.models import common, lora, splash
+from llava_jax.models import common, lora, quant, splash
 
 _EMBED_AXES = ("batch", "length", "act_embed")
 _INIT = nn.initializers.normal(0.02)  # HF LlamaConfig.initializer_range
@@ -147,12 +147,18 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, length: int) -> jax
 # Layers
 
 
-def _dense(features: int, axes: Tuple[str, str], runtime: RuntimeOptions, name: str, **kw) -> nn.Module:
-  """Bias-free Dense with logically partitioned kernel; LoRA-aware (models/lora.py) when `runtime.lora` is set."""
+def _dense(features: int, axes: Tuple[str, str], runtime: RuntimeOptions, name: str, quantizable: bool = True,
+           **kw) -> nn.Module:
+  """Bias-free Dense with logically partitioned kernel; LoRA-aware (models/lora.py) when `runtime.lora` is set,
+  over a quantized kernel (models/quant.py) when `runtime.quantize` is set and the layer is `quantizable`."""
+  dt, pdt = runtime.jnp_dtype, runtime.jnp_param_dtype
+  if runtime.quantize is not None and quantizable:
+    return quant.QuantDense(features, runtime.quantize, axes, dtype=dt, param_dtype=pdt, kernel_init=_INIT,
+                            lora=runtime.lora, name=name, **kw)
   if runtime.lora is not None:
-    return lora.LoraDense(features, runtime.lora, axes, dtype=runtime.jnp_dtype, param_dtype=runtime.jnp_param_dtype,
+    return lora.LoraDense(features, runtime.lora, axes, dtype=dt, param_dtype=pdt,
                           kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name, **kw)
-  return nn.Dense(features, use_bias=False, dtype=runtime.jnp_dtype, param_dtype=runtime.jnp_param_dtype,
+  return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt,
                   kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name, **kw)
 
 
@@ -328,7 +334,7 @@ class LlamaForCausalLM(nn.Module):
       self.layers = [block(cfg, rt) for _ in range(cfg.num_hidden_layers)]  # named layers_0, layers_1, ...
     self.norm = RMSNorm(cfg.rms_norm_eps, rt)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), rt, None,
+      self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), rt, None, quantizable=False,
                             dot_general=functools.partial(jax.lax.dot_general,
                                                           preferred_element_type=jnp.float32))
 

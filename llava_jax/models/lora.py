@@ -59,20 +59,27 @@ class LoraDense(nn.Module):
     y = dot(xc, kernel, dims)  # exactly nn.Dense's computation
     if not is_target(self.lora, self.path):
       return y
-    r = int(self.lora.rank)
-    a = self.param(LORA_A, nn.with_logical_partitioning(kaiming_uniform_peft, (self.axes[0], None)),
-                   (x.shape[-1], r), self.param_dtype)
-    b = self.param(LORA_B, nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, self.axes[1])),
-                   (r, self.features), self.param_dtype)
-    h = x
-    p = float(self.lora.dropout)
-    if p > 0.0 and self.has_rng("dropout"):  # torch Dropout: zero with probability p, scale the rest by 1/(1-p)
-      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - p, h.shape)
-      h = jnp.where(keep, h / jnp.asarray(1.0 - p, h.dtype), jnp.zeros((), h.dtype))
-    h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
-    low = dot(h, a, (((h.ndim - 1,), (0,)), ((), ())))  # [..., r]
-    delta = dot(low, b, (((low.ndim - 1,), (0,)), ((), ())))
-    return y + (delta * jnp.asarray(self.lora.scale, delta.dtype)).astype(y.dtype)
+    return add_adapter(self, x, y, self.lora, self.axes, self.features, self.param_dtype, self.dtype, dot)
+
+
+def add_adapter(module: nn.Module, x: jax.Array, y: jax.Array, lora: LoraConfig, axes, features: int, param_dtype,
+                dtype, dot: Callable) -> jax.Array:
+  """y + dropout(x)·A·B · (alpha / r), creating `lora_a` / `lora_b` on `module` (called from its compact
+  `__call__`; `LoraDense` and the quantized base `quant.QuantDense` share it). x [..., in], y [..., out]."""
+  r = int(lora.rank)
+  a = module.param(LORA_A, nn.with_logical_partitioning(kaiming_uniform_peft, (axes[0], None)),
+                   (x.shape[-1], r), param_dtype)
+  b = module.param(LORA_B, nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, axes[1])),
+                   (r, features), param_dtype)
+  h = x
+  p = float(lora.dropout)
+  if p > 0.0 and module.has_rng("dropout"):  # torch Dropout: zero with probability p, scale the rest by 1/(1-p)
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - p, h.shape)
+    h = jnp.where(keep, h / jnp.asarray(1.0 - p, h.dtype), jnp.zeros((), h.dtype))
+  h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=dtype)
+  low = dot(h, a, (((h.ndim - 1,), (0,)), ((), ())))  # [..., r]
+  delta = dot(low, b, (((low.ndim - 1,), (0,)), ((), ())))
+  return y + (delta * jnp.asarray(lora.scale, delta.dtype)).astype(y.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
