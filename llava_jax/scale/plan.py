@@ -214,9 +214,17 @@ def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str,
 
 
 def _count(tree) -> int:
-  import jax
+  """Parameters in a (possibly quantized) param tree: a 4-bit `kernel_q` packs two weights per byte, a
+  `kernel_scale` is not a parameter (models/quant.py)."""
   import numpy as np
-  return int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree)))
+  from flax import traverse_util
+  total = 0
+  for path, x in traverse_util.flatten_dict(tree).items():
+    n = int(np.prod(x.shape, dtype=np.int64))
+    if path[-1] == "kernel_scale":
+      continue
+    total += 2 * n if path[-1] == "kernel_q" and np.dtype(x.dtype) == np.uint8 else n
+  return total
 
 
 def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float = DEFAULT_MFU,

@@ -155,3 +155,38 @@ def test_lora_step_flops_against_hand_count():
   got = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=False,
                              projector_trainable=True, remat_policy="none", attention_impl="xla")
   assert got.model == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantized_base_bytes_are_the_quantized_arrays(mode):
+  """QLoRA (tiny:lora on a quantized base): the frozen bytes per device the plan counts are those of the arrays
+  `quant.quantize_params` makes from a float checkpoint (kernel_q int8 / packed uint8 + float32 scales, the rest
+  in param_dtype), and the parameter count is the float model's."""
+  import numpy as np
+  from flax import traverse_util
+  from llava_jax.models import quant
+  from llava_jax.models.llava import init_params
+  from llava_jax.train.state import split_params
+  config = load_config("tiny", "lora")
+  float_params = jax.tree.map(np.asarray, init_params(recipes.llava_config(config.model), jax.random.PRNGKey(0)))
+  quantized = quant.quantize_params(float_params, mode)
+  trainable, frozen = split_params(quantized, config.train.trainable, config.train.freeze)
+  want_frozen = sum(x.nbytes for x in jax.tree.leaves(frozen))
+  kernels = [x for p, x in traverse_util.flatten_dict(frozen).items() if p[-1] == "kernel_q"]
+  assert kernels and {x.dtype for x in kernels} == {np.dtype(np.int8 if mode == "int8" else np.uint8)}
+  config.model.runtime.quantize = mode
+  c = Candidate(mesh=(8, 1, 1), remat_policy="none", attention_impl="xla", micro_batches=1, chunked_loss=0)
+  state = measure_state(config, c, jax.devices()[:8])  # data parallel: every device holds the whole state
+  assert state.error is None
+  assert state.frozen == want_frozen
+  assert state.params == sum(x.nbytes for x in jax.tree.leaves(trainable)) == 4 * lora_trainable_count(config)
+  assert 2 * state.params <= state.optimizer < 2 * state.params + 64
+  # bytes per decoder weight: 1 (int8) or 0.5 (4-bit) plus the scales, against 4 for the float base
+  n_q = sum(x.size * (1 if mode == "int8" else 2) for x in kernels)
+  q_bytes = sum(x.nbytes for p, x in traverse_util.flatten_dict(frozen).items() if p[-1] in ("kernel_q", "kernel_scale"))
+  per_weight = q_bytes / n_q
+  assert per_weight == pytest.approx(1 + 4 / 64 if mode == "int8" else 0.5 + 4 / 64, rel=0.05)
+  # the plan counts parameters, not stored bytes or scales
+  p = plan_lib.plan(config, "8xA100-80G", devices=jax.devices()[:8], max_trials=0)
+  assert p.frozen_params == all_params_count(load_config("tiny", "lora")) - lora_trainable_count(config)
+  assert p.state.frozen == want_frozen
