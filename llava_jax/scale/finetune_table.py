@@ -185,7 +185,8 @@ def render(rows: List[dict], methods=METHODS, topologies=TOPOLOGIES) -> str:
                      f"{_gib(r['temporaries'])} | {_gib(r['total'])} {budget} | {rows_} |")
   text = "\n".join(lines)
   if missing:
-    text += "\n\nNot planned yet (`nice python -m llava_jax.scale.finetune_table` adds them): " + "; ".join(missing) + "."
+    text += ("\n\nNot planned yet (`nice python -m llava_jax.scale.finetune_table` adds them): " + "; ".join(missing)
+             + ".")
   return text
 
 

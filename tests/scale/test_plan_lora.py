@@ -183,7 +183,8 @@ def test_quantized_base_bytes_are_the_quantized_arrays(mode):
   assert 2 * state.params <= state.optimizer < 2 * state.params + 64
   # bytes per decoder weight: 1 (int8) or 0.5 (4-bit) plus the scales, against 4 for the float base
   n_q = sum(x.size * (1 if mode == "int8" else 2) for x in kernels)
-  q_bytes = sum(x.nbytes for p, x in traverse_util.flatten_dict(frozen).items() if p[-1] in ("kernel_q", "kernel_scale"))
+  q_bytes = sum(x.nbytes for p, x in traverse_util.flatten_dict(frozen).items()
+                if p[-1] in ("kernel_q", "kernel_scale"))
   per_weight = q_bytes / n_q
   assert per_weight == pytest.approx(1 + 4 / 64 if mode == "int8" else 0.5 + 4 / 64, rel=0.05)
   # the plan counts parameters, not stored bytes or scales
