@@ -2,7 +2,8 @@
 
 The tokenizer is a SentencePiece BPE trained on the synthetic texts (vocab_size - 1 pieces); the last id is
 the image placeholder, as llava-hf appends `<image>` after the LLaMA vocabulary.
-`--config=configs/tiny.py:lora`: the LoRA variant (rank 4 adapters on the decoder, projector at its own rate).
+`--config=configs/tiny.py:lora`: the LoRA variant (rank 4 adapters on the decoder, projector at its own rate);
+`:qlora` the same adapters on an NF4-quantized, frozen decoder (recipes.with_qlora).
 """
 import ml_collections
 
@@ -30,6 +31,8 @@ def get_config(arg: str = ""):
   c.stages = ()
   if arg == "lora":
     r.with_lora(c, mm_projector_lr=3e-4, rank=4, alpha=8.0, dropout=0.05)
+  elif arg == "qlora":
+    r.with_qlora(c, mm_projector_lr=3e-4, rank=4, alpha=8.0, dropout=0.05)
   elif arg:
-    raise ValueError(f"configs/tiny.py takes '' or 'lora', got {arg!r}")
+    raise ValueError(f"configs/tiny.py takes '', 'lora' or 'qlora', got {arg!r}")
   return c

@@ -44,6 +44,9 @@ _JUDGE_BASE_URL = flags.DEFINE_string("judge_base_url", None, "eval: the judge's
                                       "$OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY.")
 _JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "eval: the judge model name (config.eval.judge.model).")
 # chat / serve
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4", "nf4"],
+                              "eval/chat/serve: weight-only quantized decoder linears (model.runtime.quantize): "
+                              "int8 per-channel, int4 groups of 64, nf4 = bitsandbytes NF4 (--load-8bit/--load-4bit).")
 _IMAGE = flags.DEFINE_string("image", None, "chat: the image to talk about (/image PATH changes it).")
 _TEMPLATE = flags.DEFINE_string("template", None, "chat/serve: conversation template (default: the config's data.template).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.2, "chat, serve default: sampling temperature (0 = greedy).")
@@ -117,6 +120,18 @@ def apply_judge_flags(config) -> None:
     config.eval.judge.model = _JUDGE_MODEL.value
 
 
+def apply_quantize_flag(config, mode: str) -> None:
+  """--quantize → model.runtime.quantize (the one place the flag sets it); only for modes that load weights to
+  run them (training a quantized base is QLoRA: set model.runtime.quantize in the config)."""
+  if _QUANTIZE.value is None:
+    return
+  if mode not in ("eval", "chat", "serve"):
+    raise app.UsageError(f"--quantize is for --mode=eval|chat|serve, not {mode} (QLoRA training: set "
+                         "model.runtime.quantize in the config)")
+  from llava_jax.recipes import with_quantize
+  with_quantize(config, _QUANTIZE.value)
+
+
 def _path(flag) -> Optional[str]:
   """A path flag's value with `~` expanded."""
   return None if flag.value is None else os.path.expanduser(flag.value)
@@ -134,6 +149,7 @@ def main(argv):
   maybe_initialize_distributed()
   workdir = _path(_WORKDIR) or default_workdir(flags.FLAGS["config"].config_filename)
   mode = _MODE.value
+  apply_quantize_flag(config, mode)
   if mode == "train":
     from llava_jax.train.checkpointing import PREEMPTED_EXIT_CODE
     from llava_jax.train.loop import train_and_evaluate

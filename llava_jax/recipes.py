@@ -14,7 +14,7 @@ import dataclasses
 
 import ml_collections
 
-from llava_jax.config import LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax.config import QUANTIZE_MODES, LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
 
 STAGE1_TRAINABLE = r"multi_modal_projector/.*"
 STAGE2_TRAINABLE = r"multi_modal_projector/.*|language_model/.*"
@@ -75,6 +75,33 @@ def with_lora(config: ml_collections.ConfigDict, mm_projector_lr: float = 2e-5, 
   config.train.trainable = LORA_TRAINABLE
   config.train.mm_projector_lr = float(mm_projector_lr)
   return config
+
+
+def with_quantize(config: ml_collections.ConfigDict, mode) -> ml_collections.ConfigDict:
+  """Weight-only quantized decoder (`model.runtime.quantize`, models/quant.py) for inference (in place): set on
+  the model section and on every stage's own `model.runtime` override, so the last stage (what chat / serve /
+  eval load) has it. mode: None | 'int8' | 'int4' | 'nf4' (validated here, with the modes listed)."""
+  if mode is not None and mode not in QUANTIZE_MODES:
+    raise ValueError(f"quantize={mode!r}; choose one of {QUANTIZE_MODES}")
+  config.model.runtime.quantize = mode
+  for name in tuple(config.get("stages", ()) or ()):
+    stage_model = config.get(name, {}).get("model") if name in config else None
+    if stage_model is not None and stage_model.get("runtime") is not None:
+      stage_model.runtime.quantize = mode
+  return config
+
+
+QLORA_QUANTIZE = "nf4"  # the reference's train.py `--bits 4` (bitsandbytes `bnb_4bit_quant_type='nf4'`)
+
+
+def with_qlora(config: ml_collections.ConfigDict, quantize: str = QLORA_QUANTIZE, mm_projector_lr: float = 2e-5,
+               **lora) -> ml_collections.ConfigDict:
+  """A recipe turned into its QLoRA variant (in place): `with_lora`, and the decoder's Dense kernels stored
+  quantized (`model.runtime.quantize`: 'nf4' as the reference's `--bits 4`, or 'int4' / 'int8'), frozen and
+  dequantized inside each matmul in the compute dtype (train/qlora.py). Float starting weights are quantized on
+  the host as they load."""
+  with_lora(config, mm_projector_lr=mm_projector_lr, **lora)
+  return with_quantize(config, quantize)
 
 
 def init_section(**kw) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ import shutil
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 from llava_jax.checkpoints.clip_keys import clip_key_specs
 from llava_jax.checkpoints.llama_keys import llama_key_specs
@@ -27,6 +28,7 @@ from llava_jax.checkpoints.reader import SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DT
 from llava_jax.checkpoints.table import KeySpec, export_tensors, get_in
 from llava_jax.config import LlavaConfig, dtype_name
 from llava_jax.errors import MissingFileError
+from llava_jax.models import quant
 from llava_jax.models.lora import merge_lora
 
 HUB_TEXT_PREFIX = "language_model.model."
@@ -127,19 +129,43 @@ def write_safetensors(path: str, tensors: List[Tuple[str, np.ndarray]], metadata
       f.write(np.ascontiguousarray(arr).tobytes())  # little-endian hosts (x86, ARM, TPU VMs)
 
 
+def dequantize_params(params, mode: str, dtype=np.float32):
+  """A quantized param tree (models/quant.py: `kernel_q` + `kernel_scale` per quantized Dense) → the float tree
+  with each pair replaced by its `kernel` in `dtype`, as host numpy arrays, dequantized one layer at a time (a
+  scanned [L, ...] leaf is never dequantized whole on a device). Other leaves are passed through."""
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, value in flat.items():
+    if path[-1] == quant.KERNEL_SCALE:
+      continue
+    if path[-1] == quant.KERNEL_Q:
+      q, scale = np.asarray(value), np.asarray(flat[path[:-1] + (quant.KERNEL_SCALE,)])
+      lead = q.shape[:-2]
+      layers = [np.asarray(quant.dequantize_kernel(q[i], scale[i], mode, np.float32)) for i in np.ndindex(*lead)]
+      value = np.stack(layers).reshape(lead + layers[0].shape) if lead else layers[0]
+      out[path[:-1] + ("kernel",)] = value.astype(dtype)
+    else:
+      out[path] = value
+  return traverse_util.unflatten_dict(out)
+
+
 def export_hf(config: LlavaConfig, params: dict, out_dir: str, tokenizer: Any = None, *,
               dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3) -> str:
   """Write a llava-hf directory that `transformers.LlavaForConditionalGeneration.from_pretrained` loads.
 
   params: our param tree for `config` (scanned or not, as config.runtime.scan_layers says), any sharding. With
-    `config.runtime.lora` the adapters are merged into their kernels first (checkpoints/peft.py writes the
-    adapter alone).
+    `config.runtime.quantize` the quantized kernels are dequantized (`dequantize_params`) and with
+    `config.runtime.lora` the adapters are then merged into their kernels: a QLoRA model exports as the plain
+    float model W = deq(W_q) + (alpha / r)·A·B it computes (checkpoints/peft.py writes the adapter alone).
   tokenizer: a transformers tokenizer (saved with `save_pretrained`) or a directory to copy tokenizer files from.
   dtype: dtype of the written tensors (default: each param's own dtype).
   max_shard_bytes: shard size limit; above it the weights are split with a `model.safetensors.index.json`.
   Returns out_dir. Raises ValueError for configs llava-hf cannot express (see `check_exportable`).
   """
   check_exportable(config)
+  if config.runtime.quantize is not None:  # a quantized base (QLoRA): exported dequantized, W = deq(W_q)
+    params = dequantize_params(params, config.runtime.quantize, config.runtime.jnp_param_dtype)
+    config = config.with_runtime(quantize=None)
   if config.runtime.lora is not None:  # LoRA: export the merged weights W + (alpha / r)·A·B as a plain model
     params = merge_lora(params, config.runtime.lora)
     config = config.with_runtime(lora=None)

@@ -161,7 +161,7 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)
   else:
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)  # before the weights: fail fast
-    params = _restore_orbax(path, model_config, mesh)
+    params = restore_orbax_params(path, model_config, mesh)
   tpl = conv_lib.get_template(template or stage.data.template)
   if tpl.captions_only:
     logger.warning("template %r is the stage-1 captioning format: questions are dropped; pass --template "
@@ -176,14 +176,17 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
       source=path)
 
 
-def _restore_orbax(path: str, model_config: LlavaConfig, mesh):
+def restore_orbax_params(path: str, model_config: LlavaConfig, mesh):
   """Float params saved by training → device params of `model_config`; with `runtime.quantize` set they are
-  read to host memory and quantized leaf by leaf before placement (`hf.place_host_params`)."""
+  read to host memory and quantized leaf by leaf before placement (`hf.place_host_params`). Params saved
+  already quantized (a QLoRA run's) are read as they are."""
+  from flax import traverse_util
   from llava_jax.checkpoints.hf import param_shardings, place_host_params
-  from llava_jax.checkpoints.orbax_params import restore_params
+  from llava_jax.checkpoints.orbax_params import restore_params, saved_tree
+  from llava_jax.models.quant import is_quantized_path
   quantize = model_config.runtime.quantize
   try:
-    if quantize is None:
+    if quantize is None or not any(is_quantized_path(p) for p in traverse_util.flatten_dict(saved_tree(path))):
       return restore_params(path, None if mesh is None else param_shardings(model_config, mesh))
     host = restore_params(path, host=True)
     return place_host_params(host, model_config, mesh)

@@ -32,7 +32,7 @@ from llava_jax import parallel, recipes
 from llava_jax.config import LlavaConfig
 from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
-from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib
+from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib, qlora
 from llava_jax.train.progress import StepProgress
 from llava_jax.train.optim import optimizer_from_config
 from llava_jax.train.state import (VISION_TOWER, TrainState, abstract_train_state, create_train_state,
@@ -122,11 +122,14 @@ def initial_params(config, model_config: LlavaConfig, mesh):
     if not epath.Path(path).is_dir():
       raise MissingFileError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
     shardings = param_shardings(model_config, mesh)
+    from llava_jax.checkpoints.orbax_params import saved_tree
     if model_config.runtime.lora is not None:  # LoRA after a base-model stage: adapters start fresh (train state)
-      from llava_jax.checkpoints.orbax_params import saved_tree
       from llava_jax.models.lora import adapter_paths, strip_lora
       if not adapter_paths(saved_tree(path)):
         shardings = strip_lora(shardings)
+    if model_config.runtime.quantize is not None and qlora.float_kernels(saved_tree(path)):
+      # QLoRA on a float run: read to host memory, quantized there by create_train_state (train/qlora.py)
+      return model_config, restore_params(path, host=True)
     return model_config, restore_params(path, shardings)
   if init.pretrained or init.language_model:
     from llava_jax.checkpoints.hf import load_pretrained

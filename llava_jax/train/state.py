@@ -9,12 +9,18 @@ LoRA (models/lora.py): train `multi_modal_projector/.*|.*/lora_(a|b)` (recipes.L
 and the projector get gradients and optimizer state; base weights given without adapters get fresh ones
 (`add_missing_adapters`).
 
+QLoRA (`runtime.quantize`, models/quant.py): the quantized kernels (`kernel_q` int8 / packed 4-bit, and their
+`kernel_scale`) and every integer leaf are frozen whatever the patterns say (`is_quantized_leaf`): integers
+cannot be differentiated, and the quantized base is not trained. A float base given to `create_train_state`
+for a quantized config is quantized on the host before it is placed (train/qlora.py).
+
 Frozen parameters live in their own subtree: the step differentiates with respect to the trainable subtree
 only and the optimizer state mirrors only that subtree, so frozen weights cost neither gradient memory nor
 optimizer memory.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Iterable, Optional, Tuple, Union
 
@@ -27,13 +33,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import parallel
 from llava_jax.config import LlavaConfig
-from llava_jax.models import lora
+from llava_jax.models import lora, quant
 from llava_jax.models.llava import init_params
-from llava_jax.train import sharding as shd
+from llava_jax.train import qlora, sharding as shd
+
+logger = logging.getLogger(__name__)
 
 Patterns = Union[str, Iterable[str]]
 
 VISION_TOWER = r"vision_tower/.*"
+QUANTIZED_LEAVES = (quant.KERNEL_Q, quant.KERNEL_SCALE)  # a quantized Dense's leaves (models/quant.py): frozen
 
 
 @struct.dataclass
@@ -74,20 +83,37 @@ def path_str(path: Tuple[str, ...]) -> str:
   return "/".join(str(k) for k in path)
 
 
+def is_quantized_leaf(path: Tuple[str, ...], leaf: Any = None) -> bool:
+  """A quantized base weight (`kernel_q` / `kernel_scale`) or any leaf with an integer dtype (`leaf` may be an
+  array, a ShapeDtypeStruct or anything without a dtype, e.g. a sharding): never trainable."""
+  if str(path[-1]) in QUANTIZED_LEAVES:
+    return True
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and not jnp.issubdtype(dtype, jnp.inexact)
+
+
 def trainable_paths(params, trainable_patterns: Patterns, freeze: Optional[Patterns] = VISION_TOWER):
-  """Sorted list of the '/'-joined paths that train. Raises ValueError when no leaf matches."""
+  """Sorted list of the '/'-joined paths that train: full-matched by a trainable pattern, by no freeze pattern,
+  and not a quantized / integer leaf (`is_quantized_leaf`). Raises ValueError when no leaf is left."""
   train_re, freeze_re = _compile(trainable_patterns), _compile(freeze)
   if train_re is None:
     raise ValueError("trainable_patterns is empty: give at least one regex over param paths, e.g. "
                      "'multi_modal_projector/.*' (stage 1)")
   flat = traverse_util.flatten_dict(params)
+  quantized = {path_str(p) for p, x in flat.items() if is_quantized_leaf(p, x)}
   names = sorted(path_str(p) for p in flat)
-  out = [n for n in names if train_re.fullmatch(n) and not (freeze_re is not None and freeze_re.fullmatch(n))]
+  out = [n for n in names if train_re.fullmatch(n) and not (freeze_re is not None and freeze_re.fullmatch(n))
+         and n not in quantized]
+  matched_quantized = [n for n in quantized if train_re.fullmatch(n)]
+  if matched_quantized:
+    logger.warning("trainable patterns %r match %d quantized base leaves (e.g. %s): they stay frozen (QLoRA trains "
+                   "adapters on a quantized base, never the base)", trainable_patterns, len(matched_quantized),
+                   sorted(matched_quantized)[0])
   if not out:
     tops = sorted({n.split("/")[0] + "/..." for n in names})
     matched_frozen = [n for n in names if train_re.fullmatch(n)]
     hint = (f"; they only match frozen params ({len(matched_frozen)} under freeze={freeze!r}, pass freeze=None "
-            "to train them)" if matched_frozen else "")
+            "to train them; quantized base weights never train)" if matched_frozen else "")
     raise ValueError(f"trainable patterns {trainable_patterns!r} match no parameter{hint}. Patterns are full "
                      f"regex matches over '/'-joined paths such as {names[0]!r}; top-level subtrees: {tops}")
   return out
@@ -184,13 +210,16 @@ def create_train_state(config: LlavaConfig, optimizer, mesh: Mesh, rng, *, train
 
   params None: random init inside a jit with out_shardings (each device materializes only its shard).
   params given (numpy or jax arrays, e.g. converted or restored weights): placed with `jax.device_put` onto the
-  same shardings (no gather to one host). The optimizer state is initialized inside a jit with out_shardings.
+  same shardings (no gather to one host); for a quantized config (`runtime.quantize`) float kernels are quantized
+  on the host first (train/qlora.py). The optimizer state is initialized inside a jit with out_shardings.
   rng: int seed or PRNG key; split into the init key and the state's key.
   """
   abstract = abstract_train_state(config, optimizer, mesh, trainable_patterns=trainable_patterns, freeze=freeze)
   sh = state_shardings(abstract)
   full_sh = merge_params(sh.params, sh.frozen)
   init_key, state_key = jax.random.split(_raw_key(rng))
+  if params is not None:  # a float base for a quantized config: quantized on the host as it is placed
+    params = qlora.quantize_float_base(config, params, mesh)
   with jax.set_mesh(mesh), parallel.axis_rules():
     if params is None:
       params = jax.jit(lambda r: init_params(config, r), out_shardings=full_sh)(init_key)

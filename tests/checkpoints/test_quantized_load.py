@@ -91,7 +91,7 @@ def test_orbax_params_are_quantized_on_the_host(float_load, tmp_path, placed):
   path = save_params(str(tmp_path / "params"), float_params)
   placed.clear()
   config = float_config.with_runtime(quantize="int4")
-  params = loading._restore_orbax(path, config, None)
+  params = loading.restore_orbax_params(path, config, None)
   assert_no_float_decoder_kernel_placed(placed, config)
   assert_is_quantized_float(params, float_params, "int4")
   host = restore_params(path, host=True)
@@ -108,4 +108,4 @@ def test_mismatched_params_are_a_clear_error(float_load, tmp_path):
   other = float_config.replace(text=float_config.text.__class__(**{**float_config.text.__dict__,
                                                                     "intermediate_size": 192}))
   with pytest.raises(ConfigError, match="does not hold params"):
-    loading._restore_orbax(path, other.with_runtime(quantize="int8"), None)
+    loading.restore_orbax_params(path, other.with_runtime(quantize="int8"), None)

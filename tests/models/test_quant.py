@@ -8,7 +8,6 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import torch
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
