@@ -42,8 +42,8 @@ METHODS = (
     Method("full", "full fine-tune (LLM + projector)", "configs/v15_stage2.py:7b"),
     Method("lora", "LoRA r 128 (adapters + projector)", "configs/v15_lora.py:7b"),
     Method("lora_bf16", "LoRA r 128, bf16 params", "configs/v15_lora.py:7b", param_dtype="bfloat16"),
-    Method("qlora_int8", "QLoRA, int8 base", "configs/v15_lora.py:7b", "int8"),
-    Method("qlora_nf4", "QLoRA, NF4 base", "configs/v15_lora.py:7b", "nf4"),
+    Method("qlora_int8", "QLoRA, int8 base", "configs/v15_qlora.py:7b", "int8"),
+    Method("qlora_nf4", "QLoRA, NF4 base", "configs/v15_qlora.py:7b", "nf4"),
 )
 TOPOLOGIES = ("1xA100-80G", "1xA100-40G", "v5e-8")
 
@@ -56,24 +56,16 @@ _SEARCH = flags.DEFINE_bool("search", False, "When --micro_rows rows do not fit,
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the table from --out.")
 
 
-def quantize_supported() -> bool:
-  """Whether this checkout's RuntimeOptions has `quantize` (the quantized frozen base)."""
-  from llava_jax.config import RuntimeOptions
-  return "quantize" in {f.name for f in dataclasses.fields(RuntimeOptions)}
-
-
 def probe_config(method: Method, topology: str, micro_rows: int = 1):
   """The method's recipe with every memory saver on, at `micro_rows` rows per device per micro-batch.
 
-  Returns (config, note): note is non-empty when the row cannot be planned in this checkout (e.g. no quantize)."""
+  Returns (config, note): note is non-empty when the row cannot be planned (rows that do not split)."""
   from llava_jax import recipes
   from llava_jax.scale.hardware import get_topology
   from llava_jax.scale.plan import LOSS_CHUNK, fast_attention, resolve_mesh
   config = load_config(method.config)
   if method.quantize:
-    if not quantize_supported():
-      return config, "model.runtime.quantize is not in this checkout's RuntimeOptions (quantized bases not merged)"
-    config.model.runtime.quantize = method.quantize
+    recipes.with_quantize(config, method.quantize)
   topo = get_topology(topology)
   rt = config.model.runtime
   if method.param_dtype:
