@@ -214,6 +214,9 @@ def main(argv):
         if r.get("skipped"):
           print(f"   not planned: {r['skipped']}", flush=True)
           continue
+        if (r.get("error") or "").startswith("the measuring process died"):  # the machine's failure, not a verdict
+          print(f"   not recorded (a rerun retries it): {r['error']}", flush=True)
+          continue
         r.update(jax=jax.__version__, libtpu=tpu.libtpu_version())
         rows.append(r)
         with open(_OUT.value, "a") as f:
