@@ -47,13 +47,17 @@ METHODS = (
 )
 TOPOLOGIES = ("1xA100-80G", "1xA100-40G", "v5e-8")
 
-_OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "scaling_lora.jsonl"), "JSON lines: one per result.")
-_METHODS = flags.DEFINE_list("methods", [m.key for m in METHODS], "Methods (keys of METHODS).")
-_TOPOLOGIES = flags.DEFINE_list("topologies", list(TOPOLOGIES), "Topologies.")
-_MICRO_ROWS = flags.DEFINE_integer("micro_rows", 1, "Rows per device per micro-batch of the probe.")
-_MFU = flags.DEFINE_float("mfu", 0.4, "MFU for step times.")
-_SEARCH = flags.DEFINE_bool("search", False, "When --micro_rows rows do not fit, bisect down to 1 row (more compiles).")
-_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only print the table from --out.")
+
+def define_flags() -> None:
+  """The command's flags (defined when run as a program, so importing this module defines none: `scale.table`
+  has flags of the same names)."""
+  flags.DEFINE_string("out", os.path.join(REPO, "docs", "scaling_lora.jsonl"), "JSON lines: one per result.")
+  flags.DEFINE_list("methods", [m.key for m in METHODS], "Methods (keys of METHODS).")
+  flags.DEFINE_list("topologies", list(TOPOLOGIES), "Topologies.")
+  flags.DEFINE_integer("micro_rows", 1, "Rows per device per micro-batch of the probe.")
+  flags.DEFINE_float("mfu", 0.4, "MFU for step times.")
+  flags.DEFINE_bool("search", False, "When --micro_rows rows do not fit, bisect down to 1 row (more compiles).")
+  flags.DEFINE_bool("render_only", False, "Only print the table from --out.")
 
 
 def probe_config(method: Method, topology: str, micro_rows: int = 1):
@@ -191,23 +195,24 @@ def _read(path: str) -> List[dict]:
 
 def main(argv):
   del argv
-  rows = _read(_OUT.value)
-  if not _RENDER_ONLY.value:
+  F = flags.FLAGS
+  rows = _read(F.out)
+  if not F.render_only:
     import jax
     jax.config.update("jax_platforms", "cpu")  # this process only counts; the compiles run in child processes
     from llava_jax.scale import tpu
     known = {m.key: m for m in METHODS}
-    unknown = [k for k in _METHODS.value if k not in known]
+    unknown = [k for k in F.methods if k not in known]
     if unknown:
       sys.exit(f"unknown methods {unknown}; known: {sorted(known)}")
     done = {(r["method"], r["topology"], r["micro_rows"], r.get("search", False)) for r in rows}
-    for key in _METHODS.value:
-      for t in _TOPOLOGIES.value:
-        if (key, t, _MICRO_ROWS.value, _SEARCH.value) in done:
+    for key in F.methods:
+      for t in F.topologies:
+        if (key, t, F.micro_rows, F.search) in done:
           continue
-        print(f"== {key} on {t}, {_MICRO_ROWS.value} row(s) per micro-batch", flush=True)
+        print(f"== {key} on {t}, {F.micro_rows} row(s) per micro-batch", flush=True)
         try:
-          r = row(known[key], t, _MICRO_ROWS.value, _MFU.value, _SEARCH.value)
+          r = row(known[key], t, F.micro_rows, F.mfu, F.search)
         except Exception as e:  # noqa: BLE001 — one failed row must not lose the others
           print(f"   failed: {type(e).__name__}: {e}", flush=True)
           continue
@@ -219,10 +224,11 @@ def main(argv):
           continue
         r.update(jax=jax.__version__, libtpu=tpu.libtpu_version())
         rows.append(r)
-        with open(_OUT.value, "a") as f:
+        with open(F.out, "a") as f:
           f.write(json.dumps(r) + "\n")
   print(render(rows))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
