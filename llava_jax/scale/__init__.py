@@ -6,6 +6,7 @@ prefill / decode (serving) in `serve`; libtpu's compile-only TPU devices and til
 docs' recipe tables in `table`. See docs/scaling.md.
 """
 from llava_jax.scale.hardware import CHIPS, TOPOLOGIES, Chip, Topology, get_topology
-from llava_jax.scale.plan import Plan, Trial, plan, render
+from llava_jax.scale.plan import Plan, Trial, plan
+from llava_jax.scale.plan_report import render
 
 __all__ = ["CHIPS", "TOPOLOGIES", "Chip", "Topology", "get_topology", "Plan", "Trial", "plan", "render"]

@@ -4,7 +4,8 @@ XLA's `cost_analysis()` counts the body of a `scan` (our layer stack, micro-batc
 so FLOPs are counted here from the architecture. Conventions (as MaxText / PaLM's MFU): a matmul [m, k] × [k, n]
 is 2·m·k·n FLOPs; attention is counted as the full T×T square (no causal discount); the backward pass of a
 trained matmul costs 2× its forward (activation and weight gradients), of a frozen one 1× (activation gradient
-only, needed when something upstream trains), of the weightless attention core 2×. Model FLOPs (for MFU) do
+only, needed when something upstream trains), of the weightless attention core 2×. LoRA: the base matmuls are
+frozen (plan: `decoder_trainable` False when only adapters train), the adapters trained (3×). Model FLOPs (for MFU) do
 not include rematerialization; hardware FLOPs add what remat / chunked kernels recompute.
 """
 from __future__ import annotations
@@ -74,6 +75,27 @@ def projector_flops_per_token(config: LlavaConfig) -> float:
   return 2.0 * config.projector_in_features * config.text.hidden_size + (depth - 1) * 2.0 * config.text.hidden_size ** 2
 
 
+ADAPTED = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+           ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def lora_flops_per_token(config: LlavaConfig) -> float:
+  """Forward FLOPs per token of every decoder layer's LoRA adapters (x·A·B: 2·r·(in + out) per targeted linear,
+  `models.lora.is_target` on the scanned module paths); 0 without `runtime.lora`."""
+  lora = config.runtime.lora
+  if lora is None:
+    return 0.0
+  from llava_jax.models.lora import is_target
+  t = config.text
+  hd, d, f = t.resolved_head_dim, t.hidden_size, t.intermediate_size
+  q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
+  dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, f),
+          "up_proj": (d, f), "down_proj": (f, d)}
+  per_layer = sum(2.0 * lora.rank * sum(dims[name]) for block, name in ADAPTED
+                  if is_target(lora, ("language_model", "layers", block, name)))
+  return t.num_hidden_layers * per_layer
+
+
 def recompute_layer_flops(layer: LayerFlops, remat_policy: str, attention_impl: str) -> float:
   """Forward FLOPs per token and layer that the backward pass recomputes.
 
@@ -112,16 +134,18 @@ def step_flops(config: LlavaConfig, *, global_batch: int, seq_len: int, images: 
   layer = decoder_layer_flops(config, seq_len)
   n_layers = config.text.num_hidden_layers
   weights = layer.qkv + layer.out + layer.mlp
-  upstream = decoder_trainable or projector_trainable
+  adapters = lora_flops_per_token(config)  # trained (3×) when the config has LoRA; the base as `decoder_trainable`
+  upstream = decoder_trainable or projector_trainable or adapters > 0
   linear_mult = 3.0 if decoder_trainable else (2.0 if upstream else 1.0)
   attn_mult = 3.0 if upstream else 1.0
-  decoder = tokens * n_layers * (linear_mult * weights + attn_mult * layer.attn)
+  decoder = tokens * (n_layers * (linear_mult * weights + attn_mult * layer.attn) + 3.0 * adapters)
   head = tokens * head_flops(config) * (3.0 if decoder_trainable else (2.0 if upstream else 1.0))
   image_tokens = images * config.num_image_tokens
   projector = image_tokens * projector_flops_per_token(config) * (3.0 if projector_trainable else 1.0)
   vision = images * vision_flops_per_image(config)
   model = decoder + head + projector + vision
-  recompute = tokens * n_layers * recompute_layer_flops(layer, remat_policy, attention_impl) if upstream else 0.0
+  recompute = (tokens * (n_layers * recompute_layer_flops(layer, remat_policy, attention_impl)
+                         + (adapters if remat_policy in ("full", "save_attn_out") else 0.0)) if upstream else 0.0)
   if chunked_loss and upstream:
     recompute += tokens * head_flops(config)
   return StepFlops(model=model, hardware=model + recompute, tokens=tokens, images=int(images))

@@ -87,6 +87,12 @@ class MemoryReport:
   backend: str
   compiled_attention: str  # the kernel actually compiled ('chunked' for 'cudnn' on CPU)
   error: Optional[str] = None
+  compiled: bool = True    # False: only the state was counted (`measure_state`); no compiler numbers
+
+  @property
+  def state(self) -> int:
+    """Parameters (trainable + frozen) and optimizer state per device."""
+    return self.params + self.frozen + self.optimizer
 
   @property
   def total(self) -> int:
@@ -147,25 +153,54 @@ def _step_config(config, candidate: Candidate, backend: str):
   return model_config, attention
 
 
+def abstract_state(config, candidate: Candidate, devices: Sequence[Any], *, total_steps: int = 1000):
+  """(model_config, mesh, optimizer, the abstract TrainState) of the recipe for `candidate` on `devices`: the
+  training's own `abstract_train_state` (the real init's shapes and dtypes — LoRA adapters, quantized frozen
+  kernels — split trainable / frozen by train.trainable / freeze, optimizer state for the trainable subtree only),
+  ShapeDtypeStructs carrying their NamedShardings. Nothing is allocated or compiled."""
+  from llava_jax import parallel
+  from llava_jax.train.optim import optimizer_from_config
+  from llava_jax.train.state import abstract_train_state
+  model_config, _ = _step_config(config, candidate, devices[0].platform)
+  tcfg = config.train
+  freeze = tcfg.freeze or None
+  mesh = parallel.make_mesh(candidate.mesh, devices=list(devices))
+  optimizer = optimizer_from_config(tcfg, total_steps)
+  state = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=tcfg.trainable, freeze=freeze)
+  return model_config, mesh, optimizer, state
+
+
+def measure_state(config, candidate: Candidate, devices: Sequence[Any], *, total_steps: int = 1000) -> MemoryReport:
+  """Per-device bytes of the state alone (trainable params, frozen params, optimizer state) for `candidate` on
+  `devices`, without compiling (seconds even for 13B): a lower bound of any step's memory, which `plan` checks
+  before compiling. The compiler fields are 0 and `compiled` False; errors come back in `error`."""
+  backend = devices[0].platform
+  _, attention = _step_config(config, candidate, backend)
+  t0 = time.perf_counter()
+  report = MemoryReport(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, backend, attention, compiled=False)
+  try:
+    _, _, _, state = abstract_state(config, candidate, devices, total_steps=total_steps)
+  except Exception as e:  # noqa: BLE001 — reported
+    report.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
+  else:
+    report.params, report.frozen = _bytes_per_device(state.params), _bytes_per_device(state.frozen)
+    report.optimizer = _bytes_per_device(state.opt_state)
+  report.compile_seconds = time.perf_counter() - t0
+  return report
+
+
 def compile_step(config, candidate: Candidate, devices: Sequence[Any], *, total_steps: int = 1000,
                  seq_len: Optional[int] = None, image_slots: Optional[int] = None):
   """Lower and compile the recipe's train step for `candidate` on `devices` with abstract inputs.
 
-  Returns (compiled, state, batch): the `jax.stages.Compiled` and the abstract TrainState and batch it was
-  lowered with (ShapeDtypeStructs with their NamedShardings). Raises what the compiler raises.
+  Returns (compiled, state, batch): the `jax.stages.Compiled` and the abstract TrainState (`abstract_state`) and
+  batch it was lowered with (ShapeDtypeStructs with their NamedShardings). Raises what the compiler raises.
   """
-  from llava_jax import parallel
-  from llava_jax.train.optim import optimizer_from_config
-  from llava_jax.train.state import abstract_train_state
   from llava_jax.train.step import make_train_step
 
   backend = devices[0].platform
-  model_config, _ = _step_config(config, candidate, backend)
+  model_config, mesh, optimizer, state = abstract_state(config, candidate, devices, total_steps=total_steps)
   tcfg = config.train
-  freeze = tcfg.get("freeze", r"vision_tower/.*") or None
-  mesh = parallel.make_mesh(candidate.mesh, devices=list(devices))
-  optimizer = optimizer_from_config(tcfg, total_steps)
-  state = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=tcfg.trainable, freeze=freeze)
   batch = abstract_batch(model_config, mesh, int(tcfg.global_batch_size), int(seq_len or config.data.max_length),
                          image_slots)
   step = make_train_step(model_config, optimizer, mesh, micro_batches=candidate.micro_batches,
@@ -241,9 +276,11 @@ class MeasureProcess:
     self._proc.stdin.write(json.dumps(obj) + "\n")
     self._proc.stdin.flush()
 
-  def measure(self, candidate: Candidate) -> MemoryReport:
+  def measure(self, candidate: Candidate, state_only: bool = False) -> MemoryReport:
+    """The compiled step's MemoryReport, or with `state_only` the state's bytes without compiling
+    (`measure_state`)."""
     try:
-      self._send(dataclasses.asdict(candidate))
+      self._send(dict(dataclasses.asdict(candidate), state_only=bool(state_only)))
       while True:
         line = self._proc.stdout.readline()
         if not line:
@@ -295,8 +332,11 @@ def _worker_main() -> None:
   for line in sys.stdin:
     c = json.loads(line)
     c["mesh"] = tuple(c["mesh"])
-    report = measure(config, Candidate(**c), devices, total_steps=setup["total_steps"], seq_len=setup["seq_len"],
-                     image_slots=setup["image_slots"])
+    if c.pop("state_only", False):
+      report = measure_state(config, Candidate(**c), devices, total_steps=setup["total_steps"])
+    else:
+      report = measure(config, Candidate(**c), devices, total_steps=setup["total_steps"], seq_len=setup["seq_len"],
+                       image_slots=setup["image_slots"])
     print(json.dumps(report.to_dict()), flush=True)
     jax.clear_caches()
 

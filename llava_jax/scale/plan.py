@@ -7,7 +7,11 @@ of candidates — the recipe as configured, then one memory saver at a time:
   2. chunked vocabulary loss (no [B, T, V] float32 logits)
   3. remat policy → 'full' (save only each layer's input)
   4. micro-batches ×2, ×4, ... (gradient accumulation) down to one row per device per micro-batch
-stopping at the first that fits in (1 - headroom) × the chip's memory. With `explore`, policies that
+stopping at the first that fits in (1 - headroom) × the chip's memory. The micro-batch ladder is bisected (memory
+falls as micro-batches grow): the fewest micro-batches that fit in ~log2(ladder) compiles instead of one each.
+Before compiling anything, the state alone (trainable and frozen parameters, optimizer state: the training's own
+abstract TrainState, so LoRA adapters and quantized frozen kernels count as they are stored) is counted per
+device; when it exceeds the budget nothing can fit and nothing is compiled. With `explore`, policies that
 recompute less ('save_attn_out', 'dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are
 analytical (`llava_jax.scale.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
 steps × step time.
@@ -22,8 +26,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from llava_jax.config import ATTENTION_IMPLS
 from llava_jax.scale import flops as flops_lib
 from llava_jax.scale import tpu as tpu_lib
-from llava_jax.scale.hardware import GIB, Topology, get_topology
-from llava_jax.scale.memory import Candidate, MeasureProcess, MemoryReport, measure
+from llava_jax.scale.hardware import Topology, get_topology
+from llava_jax.scale.memory import Candidate, MeasureProcess, MemoryReport, measure, measure_state
+from llava_jax.scale.plan_report import gib, render
 
 DEFAULT_MFU = 0.4
 DEFAULT_HEADROOM = 0.10
@@ -78,6 +83,7 @@ class Plan:
   problem: str = ""
   epochs: float = 1.0
   backend_note: str = ""     # why the simulated-CPU fallback was used for a TPU topology
+  state: Optional[MemoryReport] = None  # the state alone per device, counted before compiling (`measure_state`)
   flops_fn: Optional[Callable] = dataclasses.field(default=None, repr=False)
 
   @property
@@ -87,6 +93,11 @@ class Plan:
   @property
   def fits(self) -> bool:
     return self.chosen is not None
+
+  @property
+  def state_exceeds_budget(self) -> bool:
+    """The state alone (params + optimizer state per device) is over the budget: nothing was compiled."""
+    return self.state is not None and self.state.error is None and self.state.state > self.budget_bytes
 
   def wall_clock_hours(self, seq_len: Optional[int] = None) -> Optional[float]:
     """Projected hours of the whole run for the chosen candidate (rows of `seq_len` tokens, default max)."""
@@ -116,18 +127,6 @@ class Plan:
 
   def render(self) -> str:
     return render(self)
-
-
-def _gib(x: float) -> str:
-  return f"{x / GIB:.1f}" if x >= 10 * GIB else f"{x / GIB:.2f}"
-
-
-def _duration(seconds: float) -> str:
-  if seconds < 120:
-    return f"{seconds:.3g} s"
-  if seconds < 7200:
-    return f"{seconds / 60:.1f} min"
-  return f"{seconds / 3600:.1f} h"
 
 
 def resolve_mesh(mesh, num_devices: int, global_batch: int, num_heads: int, num_kv_heads: int) -> tuple:
@@ -181,7 +180,9 @@ def fast_attention(platform: str, compute_dtype: str) -> str:
   return "chunked"
 
 
-def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str, rows_per_device: int) -> List[Candidate]:
+def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str,
+                    rows_per_device: int) -> Tuple[List[Candidate], List[Candidate]]:
+  """(the recipe then one saver at a time, the micro-batch ladder ×2, ×4, ... after the last of them)."""
   out = [base]
   cur = base
   if cur.attention_impl not in ("chunked", "cudnn", "splash"):
@@ -193,17 +194,26 @@ def _saver_sequence(base: Candidate, topology: Topology, compute_dtype: str, row
   if cur.remat_policy != "full":
     cur = dataclasses.replace(cur, remat_policy="full")
     out.append(cur)
+  ladder = []
   k = cur.micro_batches
   while rows_per_device % (k * 2) == 0:
     k *= 2
-    out.append(dataclasses.replace(cur, micro_batches=k))
-  return out
+    ladder.append(dataclasses.replace(cur, micro_batches=k))
+  return out, ladder
 
 
 def _count(tree) -> int:
-  import jax
+  """Parameters in a (possibly quantized) param tree: a 4-bit `kernel_q` packs two weights per byte, a
+  `kernel_scale` is not a parameter (models/quant.py)."""
   import numpy as np
-  return int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree)))
+  from flax import traverse_util
+  total = 0
+  for path, x in traverse_util.flatten_dict(tree).items():
+    n = int(np.prod(x.shape, dtype=np.int64))
+    if path[-1] == "kernel_scale":
+      continue
+    total += 2 * n if path[-1] == "kernel_q" and np.dtype(x.dtype) == np.uint8 else n
+  return total
 
 
 def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float = DEFAULT_MFU,
@@ -223,6 +233,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   TPU compiler; 1 reports the CPU compiler's raw numbers).
   log: called with a line per measured candidate (progress).
   """
+  from flax import traverse_util
   from llava_jax import recipes
   from llava_jax.models.llava import abstract_params
   from llava_jax.train.state import split_params
@@ -244,15 +255,19 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   n = topo.num_devices
   gb = int(tcfg.global_batch_size)
   seq_len = int(config.data.max_length)
-  images_per_row = int(config.data.get("max_images_per_sample", 1))
+  images_per_row = int(config.data.max_images_per_sample)
   images = gb * images_per_row
   t = model_config.text
   mesh = resolve_mesh(tuple(config.mesh), n, gb, t.num_attention_heads, t.num_key_value_heads)
   shards = mesh[0] * mesh[1]
-  freeze = tcfg.get("freeze", r"vision_tower/.*") or None
-  shapes, _ = abstract_params(model_config)  # no backend started: the child process compiles
+  freeze = tcfg.freeze or None
+  # no backend started (the child process compiles); XLA attention: the kernel does not change the parameters,
+  # and 'cudnn' cannot even be traced without a GPU
+  shapes, _ = abstract_params(model_config.with_runtime(attention_impl="xla"))
   trainable, frozen = split_params(shapes, tcfg.trainable, freeze)
-  decoder_trainable = bool(trainable.get("language_model"))
+  # LoRA: adapters (their FLOPs: flops.lora_flops_per_token) do not make the base matmuls trained
+  decoder_trainable = any(not str(path[-1]).startswith("lora_")
+                          for path in traverse_util.flatten_dict(trainable.get("language_model") or {}))
   projector_trainable = bool(trainable.get("multi_modal_projector"))
 
   def flops_fn(c: Candidate, length: int) -> flops_lib.StepFlops:
@@ -264,8 +279,8 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   path, _, size = recipe.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   dataset, n_samples = flops_lib.DATASETS.get(name, ("", None))
-  if not n_samples and config.data.get("source") == "synthetic":
-    dataset, n_samples = "synthetic", int(config.data.get("synthetic_samples", 0)) or None
+  if not n_samples and config.data.source == "synthetic":
+    dataset, n_samples = "synthetic", int(config.data.synthetic_samples) or None
   n_samples = samples or n_samples
   steps = (flops_lib.total_steps(n_samples, gb, float(tcfg.num_epochs), int(tcfg.num_steps))
            if (n_samples or int(tcfg.num_steps) > 0) else None)
@@ -287,7 +302,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   base = Candidate(mesh=mesh, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
                    micro_batches=int(tcfg.micro_batches),
                    chunked_loss=LOSS_CHUNK if loss is True else int(loss or 0), param_dtype=rt.param_dtype)
-  queue = _saver_sequence(base, topo, rt.dtype, result.rows_per_device)[:max_trials]
+  savers, ladder = _saver_sequence(base, topo, rt.dtype, result.rows_per_device)
   budget = result.budget_bytes
 
   worker = None
@@ -296,6 +311,8 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
                             total_steps=steps or 1000)
   run = (lambda c: worker.measure(c)) if worker is not None else (
       lambda c: measure(config, c, list(devices)[:n], seq_len=seq_len, total_steps=steps or 1000))
+  count_state = (lambda c: worker.measure(c, state_only=True)) if worker is not None else (
+      lambda c: measure_state(config, c, list(devices)[:n], total_steps=steps or 1000))
 
   def attempt(c: Candidate) -> Trial:
     report = run(c)
@@ -305,16 +322,31 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
     result.trials.append(trial)
     if log is not None:
       status = "error: " + report.error if report.error else (
-          f"{_gib(trial.total)} GiB per device, {'fits' if trial.fits else 'does not fit'}")
+          f"{gib(trial.total)} GiB per device, {'fits' if trial.fits else 'does not fit'}")
       log(f"  [{len(result.trials)}] {c.label()}: {status} ({report.compile_seconds:.0f} s)")
     return trial
 
   try:
-    for c in queue:
+    result.state = count_state(base)
+    if result.state_exceeds_budget:
+      if log is not None:
+        log(f"  the state alone is {gib(result.state.state)} GiB per device > the budget {gib(budget)}: "
+            "nothing compiled")
+      return result
+    for c in savers[:max_trials]:
       trial = attempt(c)
       if trial.fits:
         result.chosen = trial
         break
+    # the micro-batch ladder, bisected: the fewest micro-batches that fit (memory falls as they grow)
+    lo, hi = 0, (len(ladder) - 1 if result.chosen is None else -1)
+    while lo <= hi and len(result.trials) < max_trials:
+      mid = (lo + hi) // 2
+      trial = attempt(ladder[mid])
+      if trial.fits:
+        result.chosen, hi = trial, mid - 1
+      else:
+        lo = mid + 1
     if explore and result.chosen is not None:
       for policy in ("save_attn_out", "dots_no_batch", "dots"):  # only those that recompute less
         c = dataclasses.replace(result.chosen.candidate, remat_policy=policy)
@@ -326,82 +358,3 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
     if worker is not None:
       worker.close()
   return result
-
-
-def render(p: Plan) -> str:
-  """The plan as text for the terminal."""
-  topo, chip = p.topology, p.topology.chip
-  lines = [f"Plan for {p.recipe or 'the config'} on {topo.name}: {topo.num_devices} × {chip.name} "
-           f"({_gib(chip.memory_bytes)} GiB, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each), {topo.num_hosts} "
-           f"host{'s' if topo.num_hosts > 1 else ''}",
-           f"  step: global batch {p.global_batch} rows × {p.seq_len} tokens, {p.images} image slots; "
-           f"{p.rows_per_device} rows per device; trainable {p.trainable_params / 1e9:.2f} B params, frozen "
-           f"{p.frozen_params / 1e9:.2f} B",
-           f"  memory budget per device: {_gib(p.budget_bytes)} GiB ({_gib(chip.memory_bytes)} GiB − "
-           f"{p.headroom:.0%} headroom); compiled on "
-           + (f"simulated CPU devices, temporaries ×{p.temp_factor:g} (calibrated on the TPU compiler, "
-              "docs/scaling.md)" if p.backend == "cpu" else "libtpu's TPU compiler (deviceless)")
-           + (f"\n  FALLBACK: simulated CPU devices instead of the TPU compiler ({p.backend_note})"
-              if p.backend_note else "")]
-  if p.problem:
-    lines.append(f"  PROBLEM: {p.problem}")
-    return "\n".join(lines)
-  lines.append("")
-  header = f"  {'#':>2}  {'candidate':<94} {'params':>6} {'opt':>6} {'temp':>6} {'total':>6}  fits  recompute"
-  lines += [header + "   (GiB per device)", "  " + "-" * (len(header) - 2)]
-  for i, tr in enumerate(p.trials, 1):
-    m = tr.memory
-    if m.error:
-      lines.append(f"  {i:>2}  {tr.candidate.label():<94} error: {m.error}")
-      continue
-    mark = "<-" if tr is p.chosen else ""
-    lines.append(f"  {i:>2}  {tr.candidate.label():<94} {_gib(m.params + m.frozen):>6} {_gib(m.optimizer):>6} "
-                 f"{_gib(tr.temporaries):>6} {_gib(tr.total):>6}  {'yes' if tr.fits else 'NO':<4}  "
-                 f"×{tr.flops.recompute_factor:.2f} {mark}")
-  lines.append("")
-  if p.chosen is None:
-    best = min((tr for tr in p.trials if not tr.memory.error), key=lambda tr: tr.total, default=None)
-    lines.append("  NOTHING FITS on this topology.")
-    if best is not None:
-      m = best.memory
-      state = m.params + m.frozen + m.optimizer
-      lines.append(f"  The smallest measured needs {_gib(best.total)} GiB per device (budget {_gib(p.budget_bytes)}); "
-                   f"parameters + optimizer state alone are {_gib(state)} GiB.")
-      if state > p.budget_bytes:
-        lines.append("  The state itself does not fit: use more devices (FSDP shards it over all of them) or "
-                     "chips with more memory.")
-      else:
-        lines.append("  Use more devices or chips with more memory, or a shorter data.max_length.")
-    return "\n".join(lines)
-  c, m = p.chosen.candidate, p.chosen.memory
-  free = 1.0 - p.chosen.total / chip.memory_bytes
-  lines.append(f"  FITS: {c.label()}")
-  lines.append(f"  {_gib(p.chosen.total)} GiB per device, {free:.0%} of {_gib(chip.memory_bytes)} GiB free.")
-  if c.attention_impl in ("cudnn", "splash") and m.compiled_attention != c.attention_impl:
-    lines.append(f"  (attention measured with the 'chunked' kernel; {c.attention_impl} flash attention needs no more "
-                 "memory)")
-  lines.append("  Run it with:")
-  lines.append(f"    python -m llava_jax.main --config={p.recipe or 'configs/<recipe>.py'} \\\n      "
-               + " \\\n      ".join(c.overrides()))
-  if topo.platform == "gpu":
-    lines.append("    (on GPU set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95: JAX preallocates 75 % of the memory by "
-                 "default; launch/slurm_gpu.sbatch does)")
-  f = p.chosen.flops
-  lines.append("")
-  lines.append(f"  FLOPs per step (analytic): {f.model:.3g} model, {f.hardware:.3g} with recomputation "
-               f"(×{f.recompute_factor:.2f}); at MFU {p.mfu:.0%} of {topo.peak_flops / 1e15:.2f} PFLOP/s: "
-               f"{_duration(p.chosen.step_seconds)} per step, "
-               f"{f.tokens / p.chosen.step_seconds:,.0f} tokens/s")
-  if p.steps:
-    what = f"{p.dataset}, {p.samples:,} samples" if p.samples else "train.num_steps"
-    lines.append(f"  Recipe: {what} → {p.steps:,} steps → {_duration(p.wall_clock_hours() * 3600)} with every row "
-                 f"padded to {p.seq_len} tokens (upper bound)")
-    if p.mean_tokens:
-      lines.append(f"          {_duration(p.wall_clock_hours(p.mean_tokens) * 3600)} at {p.mean_tokens} tokens per row")
-      if p.packed_steps(p.mean_tokens):
-        lines.append(f"          {_duration(p.packed_wall_clock_hours(p.mean_tokens) * 3600)} with packed rows "
-                     f"(data.packing=True: {p.seq_len / min(p.mean_tokens, p.seq_len):.1f} samples of "
-                     f"{p.mean_tokens} tokens per row → {p.packed_steps(p.mean_tokens):,} steps)")
-    if p.published_hours:
-      lines.append(f"          published (PyTorch + DeepSpeed, 8×A100): ≈{p.published_hours:g} h")
-  return "\n".join(lines)

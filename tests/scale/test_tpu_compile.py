@@ -112,8 +112,12 @@ def test_plan_uses_the_tpu_compiler_and_splash(v5e_devices):
   from llava_jax.scale import plan
   from llava_jax.scale.hardware import GIB, Chip, Topology, get_topology
   from llava_jax.scale.plan import resolve_backend
+  from llava_jax.scale.memory import Candidate, measure_state
   config = load_config("tiny")
-  toy = Topology("v5e-4", Chip("v5e-toy", "tpu", 1e12, 1 << 20, "a 1 MiB test chip"), 4, 1)
+  # a chip that holds the state (else nothing is compiled) but not the step
+  state = measure_state(config, Candidate((4, 1, 1), "none", "xla", 1, 0), v5e_devices).state
+  memory = (state + (1 << 20)) / 0.9
+  toy = Topology("v5e-4", Chip("v5e-toy", "tpu", 1e12, memory, "a test chip"), 4, 1)
   p = plan(config, toy, recipe="configs/tiny.py", devices=v5e_devices, max_trials=2)
   assert p.backend == "tpu" and p.temp_factor == 1.0 and not p.fits
   expected = "splash" if "splash" in ATTENTION_IMPLS else "chunked"
@@ -121,7 +125,7 @@ def test_plan_uses_the_tpu_compiler_and_splash(v5e_devices):
   for tr in p.trials:
     assert tr.memory.error is None and tr.memory.backend == "tpu"
     assert tr.memory.compiled_attention == tr.candidate.attention_impl  # not replaced by 'chunked' as on CPU
-    assert tr.total == tr.memory.total > 1 << 20
+    assert tr.total == tr.memory.total > memory
   text = p.render()
   assert "libtpu's TPU compiler" in text and "FALLBACK" not in text and "NOTHING FITS" in text
   # default backend: the TPU compiler for TPU topologies (libtpu is importable here); GPUs stay simulated
