@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 
@@ -212,55 +212,41 @@ def clock(fn: Callable[[], Any]):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model FLOPs (what the maths needs; the MFU numerator)
+# Model FLOPs (the MFU numerator): llava_jax's one FLOP model, models/flops.py
 
 
-def vision_forward_flops(p: Preset, n_images: int, layers_needed: Optional[int] = None) -> float:
-  """CLIP forward for n images through the blocks LLaVA needs (hidden_states[-2]: L-1 blocks)."""
-  d, f, tok = p.v_hidden, p.v_mlp, p.num_patches + 1
-  layers = p.v_layers - 1 if layers_needed is None else layers_needed
-  patch = 2 * p.num_patches * (3 * p.patch * p.patch) * d
-  per_layer = 2 * tok * (4 * d * d + 2 * d * f) + 2 * 2 * tok * tok * d
-  return float(n_images * (patch + layers * per_layer))
-
-
-def decoder_forward_flops(p: Preset, batch: int, length: int, image_tokens: int,
-                          lm_head_positions: Optional[int] = None) -> float:
-  """Projector (on the image tokens) + LLaMA forward over [batch, length] (attention over all T² pairs,
-  as both implementations compute it) + lm_head over `lm_head_positions` (default: every position)."""
-  d, f, h = p.t_hidden, p.t_mlp, p.t_hidden // p.t_heads
-  kv = p.t_kv_heads * h
-  proj = 2 * image_tokens * (p.v_hidden * d + d * d)
-  dense = 2 * (2 * d * d + 2 * d * kv + 3 * d * f)
-  attn = 2 * 2 * length * d
-  head_positions = batch * length if lm_head_positions is None else lm_head_positions
-  return float(proj + batch * length * p.t_layers * (dense + attn) + head_positions * 2 * d * p.vocab)
-
-
-LOSS_ELEMENTWISE_PER_LOGIT = 7  # max, subtract, exp, sum; softmax = e / Σ, − onehot, × weight
+def llava_config(p: Preset):
+  """Our LlavaConfig of the preset's model (the same as `hf_config_dict`, read by the checkpoint loader's parser)."""
+  from llava_jax.checkpoints.hf_configs import text_config_from_hf, vision_config_from_hf
+  from llava_jax.config import LlavaConfig
+  c = hf_config_dict(p)
+  return LlavaConfig(vision=vision_config_from_hf(c["vision"]), text=text_config_from_hf(c["text"]),
+                     image_token_index=c["image_token_index"], vision_feature_layer=c["vision_feature_layer"])
 
 
 def train_step_flops(p: Preset, lm_head_positions: int) -> Dict[str, float]:
-  """FLOPs of one llava_jax training step (the MFU numerator): frozen vision forward through the L−1 blocks
-  it runs + 3 × (projector + decoder forward + lm_head at the `lm_head_positions` the step computed logits
-  for — its `logit_positions` metric, recorded by jax_side — : forward and the two backward matmuls per
-  weight) + the loss's elementwise work on those logits (LOSS_ELEMENTWISE_PER_LOGIT per logit). AdamW, norms and softmax inside attention are not counted.
+  """FLOPs of one llava_jax training step (the MFU numerator), from `llava_jax.models.flops.step_flops`: frozen
+  vision forward through the L−1 blocks it runs + 3 × (projector + decoder forward + lm_head at the
+  `lm_head_positions` the step computed logits for — its `logit_positions` metric, recorded by jax_side — :
+  forward and the two backward matmuls per weight) + the loss's elementwise work on those logits
+  (LOSS_ELEMENTWISE_PER_LOGIT per logit). AdamW, norms and softmax inside attention are not counted.
 
   `conventional_total`: the usual model-FLOPs count with the lm_head over every position and no loss work.
   `reference_total`: what a step computing logits and loss everywhere (PyTorch's) executes, counted the same
   way as `total`."""
+  from llava_jax.models import flops
+  config = llava_config(p)
   b = train_batch(p)
   bsz, t = b["input_ids"].shape
-  k = bsz * p.num_patches
-  positions = int(lm_head_positions)  # the step's budget (train.step.loss_row_budget), measured, not recomputed
-  vis = vision_forward_flops(p, bsz)
-  dec = decoder_forward_flops(p, bsz, t, k, lm_head_positions=positions)
-  loss = float(LOSS_ELEMENTWISE_PER_LOGIT * positions * p.vocab)
-  conventional = vis + 3 * decoder_forward_flops(p, bsz, t, k)
-  reference = conventional + float(LOSS_ELEMENTWISE_PER_LOGIT * bsz * t * p.vocab)
-  return dict(vision_forward=vis, decoder_forward=dec, lm_head_positions=positions, all_positions=bsz * t,
-              lm_head_forward=float(positions * 2 * p.t_hidden * p.vocab), loss_elementwise=loss,
-              total=vis + 3 * dec + loss, conventional_total=conventional, reference_total=reference)
+  positions = int(lm_head_positions)  # the step's budget (train.loss.loss_row_budget), measured, not recomputed
+  step = lambda **kw: flops.step_flops(config, global_batch=bsz, seq_len=t, images=bsz, decoder_trainable=True,
+                                       projector_trainable=True, remat_policy="none", **kw).model
+  total = step(logit_positions=positions)
+  vis = bsz * flops.vision_flops_per_image(config)
+  loss = float(flops.LOSS_ELEMENTWISE_PER_LOGIT * positions * p.vocab)
+  return dict(vision_forward=vis, decoder_forward=(total - vis - loss) / 3, lm_head_positions=positions,
+              all_positions=bsz * t, lm_head_forward=positions * flops.head_flops(config), loss_elementwise=loss,
+              total=total, conventional_total=step(loss_elementwise=False), reference_total=step())
 
 
 # ---------------------------------------------------------------------------------------------------------

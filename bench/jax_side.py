@@ -8,7 +8,7 @@ Benchmarks (each `run()` times one repetition and blocks until the result is rea
 - decode_bB: greedy `generate` with the bucketed KV cache and no stop ids, N and 1 new tokens back to back;
 - train: `make_train_step` (token-weighted CE, AdamW with warmup-cosine and clipping, vision tower frozen,
   projector + LLM trained) on a one-device mesh; records the positions its lm_head ran on (metric
-  `logit_positions`), which `common.train_step_flops` counts.
+  `logit_positions`), which `common.train_step_flops` (llava_jax.models.flops) counts.
 """
 from __future__ import annotations
 

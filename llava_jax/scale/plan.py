@@ -13,7 +13,7 @@ Before compiling anything, the state alone (trainable and frozen parameters, opt
 abstract TrainState, so LoRA adapters and quantized frozen kernels count as they are stored) is counted per
 device; when it exceeds the budget nothing can fit and nothing is compiled. With `explore`, policies that
 recompute less ('save_attn_out', 'dots_no_batch', 'dots') are also tried at the fitting setting. FLOPs are
-analytical (`llava_jax.scale.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
+analytical (`llava_jax.models.flops`); step time = model FLOPs / (devices × peak × MFU), and the recipe's wall clock =
 steps × step time.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from llava_jax.config import ATTENTION_IMPLS
-from llava_jax.scale import flops as flops_lib
+from llava_jax.models import flops as flops_lib
+from llava_jax.scale import recipe_time
 from llava_jax.scale import tpu as tpu_lib
 from llava_jax.scale.hardware import Topology, get_topology
 from llava_jax.scale.memory import Candidate, MeasureProcess, MemoryReport, measure, measure_state
@@ -105,7 +106,7 @@ class Plan:
       return None
     t = seq_len or self.seq_len
     f = self._flops(self.chosen.candidate, t)
-    return self.steps * flops_lib.step_seconds(f, self.topology.peak_flops, self.mfu) / 3600.0
+    return self.steps * recipe_time.step_seconds(f, self.topology.peak_flops, self.mfu) / 3600.0
 
   def packed_steps(self, mean_tokens: int) -> Optional[int]:
     """Steps when samples of `mean_tokens` tokens on average are packed into rows of seq_len tokens
@@ -233,7 +234,6 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   TPU compiler; 1 reports the CPU compiler's raw numbers).
   log: called with a line per measured candidate (progress).
   """
-  from flax import traverse_util
   from llava_jax import recipes
   from llava_jax.models.llava import abstract_params
   from llava_jax.train.state import split_params
@@ -266,9 +266,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   shapes, _ = abstract_params(model_config.with_runtime(attention_impl="xla"))
   trainable, frozen = split_params(shapes, tcfg.trainable, freeze)
   # LoRA: adapters (their FLOPs: flops.lora_flops_per_token) do not make the base matmuls trained
-  decoder_trainable = any(not str(path[-1]).startswith("lora_")
-                          for path in traverse_util.flatten_dict(trainable.get("language_model") or {}))
-  projector_trainable = bool(trainable.get("multi_modal_projector"))
+  decoder_trainable, projector_trainable = flops_lib.trainable_parts(trainable)
 
   def flops_fn(c: Candidate, length: int) -> flops_lib.StepFlops:
     return flops_lib.step_flops(model_config.with_runtime(remat_policy=c.remat_policy, attention_impl=c.attention_impl),
@@ -278,11 +276,11 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
 
   path, _, size = recipe.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
-  dataset, n_samples = flops_lib.DATASETS.get(name, ("", None))
+  dataset, n_samples = recipe_time.DATASETS.get(name, ("", None))
   if not n_samples and config.data.source == "synthetic":
     dataset, n_samples = "synthetic", int(config.data.synthetic_samples) or None
   n_samples = samples or n_samples
-  steps = (flops_lib.total_steps(n_samples, gb, float(tcfg.num_epochs), int(tcfg.num_steps))
+  steps = (recipe_time.total_steps(n_samples, gb, float(tcfg.num_epochs), int(tcfg.num_steps))
            if (n_samples or int(tcfg.num_steps) > 0) else None)
   result = Plan(recipe=recipe, topology=topo, backend=backend, backend_note=note, headroom=headroom, mfu=mfu,
                 epochs=float(tcfg.num_epochs),
@@ -290,7 +288,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
                 seq_len=seq_len, images=images, rows_per_device=gb // shards if gb % shards == 0 else 0,
                 trainable_params=_count(trainable), frozen_params=_count(frozen), trials=[], chosen=None,
                 steps=steps, samples=n_samples, dataset=dataset, mean_tokens=mean_tokens,
-                published_hours=flops_lib.PUBLISHED_HOURS.get((name, size or "7b")) if "A100" in topo.name else None,
+                published_hours=recipe_time.PUBLISHED_HOURS.get((name, size or "7b")) if "A100" in topo.name else None,
                 flops_fn=flops_fn)
   if gb % shards:
     result.problem = (f"global batch {gb} cannot be split over data×fsdp = {shards} devices of mesh {mesh}: set "
@@ -317,7 +315,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   def attempt(c: Candidate) -> Trial:
     report = run(c)
     f = flops_fn(c, seq_len)
-    trial = Trial(c, report, False, f, flops_lib.step_seconds(f, topo.peak_flops, mfu), float(temp_factor))
+    trial = Trial(c, report, False, f, recipe_time.step_seconds(f, topo.peak_flops, mfu), float(temp_factor))
     trial.fits = report.error is None and trial.total <= budget
     result.trials.append(trial)
     if log is not None:

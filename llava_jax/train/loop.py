@@ -34,6 +34,7 @@ from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
 from llava_jax.errors import MissingFileError
 from llava_jax.eval.synthetic import evaluate_synthetic
+from llava_jax.models import flops as flops_lib
 from llava_jax.models.llava import param_shardings
 from llava_jax.models.lora import adapter_paths, strip_lora
 from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib, qlora
@@ -173,10 +174,22 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
   return StageResult(model_config, state, workdir, tokenizer, final_loss, last_step, preempted=was_preempted)
 
 
+def model_flops_per_token(config, model_config: LlavaConfig, trainable) -> float:
+  """Model FLOPs per token of this run's step (the MFU numerator; models/flops.py, the plan's FLOP model): rows
+  of data.max_length with data.max_images_per_sample images, the trainable parts as `trainable` (a param tree)
+  says, the lm_head and loss at every position (the step computes fewer: an upper bound, as the plan's)."""
+  decoder_trainable, projector_trainable = flops_lib.trainable_parts(trainable)
+  gb, seq = int(config.train.global_batch_size), int(config.data.max_length)
+  images = gb * int(config.data.max_images_per_sample)
+  f = flops_lib.step_flops(model_config, global_batch=gb, seq_len=seq, images=images,
+                           decoder_trainable=decoder_trainable, projector_trainable=projector_trainable)
+  return f.model / f.tokens
+
+
 def _run_steps(config, model_config, state, step_fn, pipeline, ckpt, writer, preempted, start, steps):
   tcfg = config.train
   log_every, ckpt_every = max(1, int(tcfg.log_every)), max(1, int(tcfg.checkpoint_every))
-  flops_per_token = metrics_lib.train_flops_per_token(model_config, int(config.data.max_length))
+  flops_per_token = model_flops_per_token(config, model_config, state.params)
   peak = metrics_lib.device_peak_flops()
   progress = StepProgress(start, steps, _say)
   config_dict = {**config.to_dict(), MODEL_CONFIG_KEY: model_config.to_dict()}

@@ -141,20 +141,3 @@ def device_peak_flops(device=None) -> Optional[float]:
     if name.lower() in kind.lower():
       return peak
   return None
-
-
-def train_flops_per_token(config, seq_len: int) -> float:
-  """Model FLOPs per supervised-or-not token of a training step (forward + backward = 3 × forward).
-
-  6·N_trainable-style count for the decoder: 2·(params in matmuls) per token forward plus attention
-  2·2·L·T·d (scores and values, causal half not discounted, as MaxText counts). The frozen vision tower
-  and the stage-1 frozen decoder still cost forward and activation-gradient FLOPs; this counts the
-  decoder fully (3×) and ignores the vision tower (added by the caller per image when needed).
-  """
-  t = config.text
-  hd = t.resolved_head_dim
-  attn_proj = t.hidden_size * hd * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
-  mlp = 3 * t.hidden_size * t.intermediate_size
-  per_layer = 2 * (attn_proj + mlp) + 2 * 2 * seq_len * t.num_attention_heads * hd
-  head = 2 * t.hidden_size * t.vocab_size
-  return 3.0 * (t.num_hidden_layers * per_layer + head)

@@ -9,11 +9,13 @@ import jax
 import pytest
 
 from llava_jax import recipes
+from llava_jax.models import flops as flops_lib
+from llava_jax.models.llava import abstract_params
 from llava_jax.scale import Chip, Topology, get_topology, plan
-from llava_jax.scale import flops as flops_lib
 from llava_jax.scale.hardware import GIB
 from llava_jax.scale.plan import resolve_mesh
-from llava_jax.train import metrics as metrics_lib
+from llava_jax.train import loop
+from llava_jax.train.state import split_params
 from tests.fixtures import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,6 +47,7 @@ def test_mesh_resolution():
 
 
 def test_step_flops_against_hand_count_and_training_metric():
+  """The one FLOP model (models/flops.py) against a hand count; the training loop's MFU uses the same."""
   cfg = recipes.llava_config(load_config("v15_stage2", "7b").model)
   t = cfg.text
   d, f, layers, v, seq = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size, 2048
@@ -52,16 +55,32 @@ def test_step_flops_against_hand_count_and_training_metric():
   matmul_params = layers * (4 * d * d + 3 * d * f) + d * v  # q, k, v, o, gate, up, down, lm_head
   want = tokens * (6 * matmul_params + 3 * layers * 4 * seq * d)  # 6N plus attention scores and values
   got = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=True,
-                             projector_trainable=True, remat_policy="none", attention_impl="xla")
+                             projector_trainable=True, remat_policy="none", attention_impl="xla", loss_elementwise=False)
   assert got.model == pytest.approx(want, rel=1e-12)
-  assert got.model / tokens == pytest.approx(metrics_lib.train_flops_per_token(cfg, seq), rel=1e-12)
+  # the loss's elementwise work: 7 per logit, at every position by default or at `logit_positions`
+  with_loss = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=True,
+                                   projector_trainable=True, remat_policy="none", attention_impl="xla")
+  assert with_loss.model - got.model == pytest.approx(7 * tokens * v, rel=1e-12)
+  fewer = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=True,
+                               projector_trainable=True, remat_policy="none", attention_impl="xla", logit_positions=1000)
+  assert with_loss.model - fewer.model == pytest.approx((tokens - 1000) * (3 * 2 * d * v + 7 * v), rel=1e-12)
+  # the training loop's MFU numerator: the same model for the run's batch and trainable parts
+  config = load_config("v15_stage2", "7b")
+  shapes, _ = abstract_params(cfg)
+  trainable, _ = split_params(shapes, config.train.trainable, config.train.freeze)
+  per_token = loop.model_flops_per_token(config, cfg, trainable)
+  run = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=128, decoder_trainable=True,
+                             projector_trainable=True)
+  assert per_token == pytest.approx(run.model / tokens, rel=1e-12) and per_token > got.model / tokens
   # full remat recomputes each layer's forward once
   full = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=True,
-                              projector_trainable=True, remat_policy="full", attention_impl="xla")
+                              projector_trainable=True, remat_policy="full", attention_impl="xla",
+                              loss_elementwise=False)
   assert full.hardware - full.model == pytest.approx(tokens * layers * (2 * (4 * d * d + 3 * d * f) + 4 * seq * d))
   # frozen decoder (stage 1): no weight gradients for its matmuls
   frozen = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=False,
-                                projector_trainable=True, remat_policy="none", attention_impl="xla")
+                                projector_trainable=True, remat_policy="none", attention_impl="xla",
+                                loss_elementwise=False)
   assert frozen.model == pytest.approx(tokens * (4 * matmul_params + 3 * layers * 4 * seq * d), rel=1e-12)
   # one CLIP ViT-L/14-336 image: ~2 · 0.3 B params · 577 tokens forward
   assert flops_lib.vision_flops_per_image(cfg) == pytest.approx(2 * 0.303e9 * 577, rel=0.15)

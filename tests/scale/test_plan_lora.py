@@ -53,7 +53,7 @@ def test_lora_plan_counts_optimizer_state_for_the_trainable_only():
   assert (m.params, m.frozen, m.optimizer) == (s.params, s.frozen, s.optimizer)  # the compiled step's state
   assert abs(m.arguments - (s.state + m.batch)) < 1 << 20
   # FLOPs: the base decoder counted frozen (only adapters and projector train), not fully trained
-  from llava_jax.scale import flops as flops_lib
+  from llava_jax.models import flops as flops_lib
   mc = recipes.llava_config(config.model)
   kw = dict(global_batch=8, seq_len=int(config.data.max_length), images=8, projector_trainable=True,
             remat_policy="none", attention_impl="xla")
@@ -141,7 +141,7 @@ def test_lora_train_step_compiles_for_tpu():
 def test_lora_step_flops_against_hand_count():
   """LoRA 7B: the base matmuls are frozen (forward + activation gradient: 4 FLOPs per weight and token), the
   adapters trained (6 per adapter weight and token), the attention core 3× its forward — not 6N of the base."""
-  from llava_jax.scale import flops as flops_lib
+  from llava_jax.models import flops as flops_lib
   config = load_config("v15_lora", "7b")
   cfg = recipes.llava_config(config.model)
   t = cfg.text
@@ -153,7 +153,7 @@ def test_lora_step_flops_against_hand_count():
   assert adapters == 32 * 128 * (8 * d + 3 * (d + f))
   want = tokens * (4 * base + 6 * adapters + 3 * layers * 4 * seq * d)
   got = flops_lib.step_flops(cfg, global_batch=128, seq_len=seq, images=0, decoder_trainable=False,
-                             projector_trainable=True, remat_policy="none", attention_impl="xla")
+                             projector_trainable=True, remat_policy="none", attention_impl="xla", loss_elementwise=False)
   assert got.model == pytest.approx(want, rel=1e-12)
 
 

@@ -1,4 +1,4 @@
-"""Analytical FLOPs of a training step, and the wall clock of a recipe at a given MFU.
+"""Analytical FLOPs of a training step: the one FLOP model of the training metrics (MFU), the plan and bench/.
 
 XLA's `cost_analysis()` counts the body of a `scan` (our layer stack, micro-batch loop and loss chunks) once,
 so FLOPs are counted here from the architecture. Conventions (as MaxText / PaLM's MFU): a matmul [m, k] × [k, n]
@@ -11,26 +11,11 @@ not include rematerialization; hardware FLOPs add what remat / chunked kernels r
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Optional
+from typing import Optional, Tuple
+
+from flax import traverse_util
 
 from llava_jax.config import LlavaConfig, projector_depth
-
-# Published numbers of the reference recipes (samples as released; wall clock from the LLaVA-1.5 paper / model
-# zoo, PyTorch + DeepSpeed on one 8×A100 node). Keys are configs/ file names.
-DATASETS = {
-    "paper_stage1": ("CC3M-595K (LLaVA filtered)", 595_375),
-    "paper_stage2": ("LLaVA-Instruct-158K", 157_712),
-    "scienceqa": ("ScienceQA train", 12_726),
-    "v15_stage1": ("LCS-558K (blip_laion_cc_sbu_558k)", 558_128),
-    "v15_stage2": ("llava_v1_5_mix665k", 665_298),
-}
-PUBLISHED_HOURS = {  # (config name, size) → hours on 8×A100
-    ("v15_stage1", "7b"): 3.5, ("v15_stage2", "7b"): 10.0,
-    ("v15_stage1", "13b"): 5.5, ("v15_stage2", "13b"): 20.0,
-    ("paper_stage1", "13b"): 4.0,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerFlops:
@@ -59,14 +44,22 @@ def head_flops(config: LlavaConfig) -> float:
   return 2.0 * config.text.hidden_size * config.text.vocab_size
 
 
+def vision_layers_run(config: LlavaConfig) -> int:
+  """CLIP blocks the model runs: up to `vision_feature_layer` (hidden_states[-2] → L − 1 blocks; the tower stops
+  there, scanned or not)."""
+  layer, n = config.vision_feature_layer, config.vision.num_hidden_layers
+  layer = max(layer) if isinstance(layer, (tuple, list)) else layer  # several feature layers: the deepest
+  return n + 1 + layer if layer < 0 else layer
+
+
 def vision_flops_per_image(config: LlavaConfig) -> float:
-  """CLIP forward FLOPs per image (patch embedding + every layer; the tower is frozen: forward only)."""
+  """CLIP forward FLOPs per image: patch embedding + the blocks run (`vision_layers_run`); forward only (frozen)."""
   v = config.vision
   tokens = v.num_positions
   patch = 2.0 * v.num_patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
   per_token = 2.0 * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
   attn = 2.0 * 2 * tokens * v.hidden_size
-  return patch + v.num_hidden_layers * tokens * (per_token + attn)
+  return patch + vision_layers_run(config) * tokens * (per_token + attn)
 
 
 def projector_flops_per_token(config: LlavaConfig) -> float:
@@ -123,10 +116,26 @@ class StepFlops:
     return self.hardware / self.model if self.model else 1.0
 
 
+LOSS_ELEMENTWISE_PER_LOGIT = 7  # max, subtract, exp, sum; softmax = e / Σ, − onehot, × weight
+
+
+def trainable_parts(trainable) -> Tuple[bool, bool]:
+  """(decoder_trainable, projector_trainable) of a trainable param tree: LoRA adapters alone leave the decoder's
+  base matmuls frozen (their FLOPs: `lora_flops_per_token`)."""
+  decoder = any(not str(path[-1]).startswith("lora_")
+                for path in traverse_util.flatten_dict(dict(trainable.get("language_model") or {})))
+  return decoder, bool(trainable.get("multi_modal_projector"))
+
+
 def step_flops(config: LlavaConfig, *, global_batch: int, seq_len: int, images: int, decoder_trainable: bool,
                projector_trainable: bool, remat_policy: Optional[str] = None, attention_impl: Optional[str] = None,
-               chunked_loss: bool = False) -> StepFlops:
-  """FLOPs of a step on `global_batch` rows of `seq_len` tokens holding `images` images (see module doc)."""
+               chunked_loss: bool = False, logit_positions: Optional[int] = None,
+               loss_elementwise: bool = True) -> StepFlops:
+  """FLOPs of a step on `global_batch` rows of `seq_len` tokens holding `images` images (see module doc).
+
+  logit_positions: positions the lm_head and loss run at (train/loss.py computes them at supervised positions
+  only: its `logit_positions` metric); default every token. loss_elementwise: count the loss's
+  LOSS_ELEMENTWISE_PER_LOGIT per logit (False: the usual model-FLOPs convention without it)."""
   rt = config.runtime
   remat_policy = remat_policy or rt.remat_policy
   attention_impl = attention_impl or rt.attention_impl
@@ -139,7 +148,10 @@ def step_flops(config: LlavaConfig, *, global_batch: int, seq_len: int, images: 
   linear_mult = 3.0 if decoder_trainable else (2.0 if upstream else 1.0)
   attn_mult = 3.0 if upstream else 1.0
   decoder = tokens * (n_layers * (linear_mult * weights + attn_mult * layer.attn) + 3.0 * adapters)
-  head = tokens * head_flops(config) * (3.0 if decoder_trainable else (2.0 if upstream else 1.0))
+  positions = tokens if logit_positions is None else int(logit_positions)
+  head = positions * head_flops(config) * (3.0 if decoder_trainable else (2.0 if upstream else 1.0))
+  if loss_elementwise:
+    head += LOSS_ELEMENTWISE_PER_LOGIT * positions * config.text.vocab_size
   image_tokens = images * config.num_image_tokens
   projector = image_tokens * projector_flops_per_token(config) * (3.0 if projector_trainable else 1.0)
   vision = images * vision_flops_per_image(config)
@@ -147,19 +159,7 @@ def step_flops(config: LlavaConfig, *, global_batch: int, seq_len: int, images: 
   recompute = (tokens * (n_layers * recompute_layer_flops(layer, remat_policy, attention_impl)
                          + (adapters if remat_policy in ("full", "save_attn_out") else 0.0)) if upstream else 0.0)
   if chunked_loss and upstream:
-    recompute += tokens * head_flops(config)
+    recompute += positions * head_flops(config)
   return StepFlops(model=model, hardware=model + recompute, tokens=tokens, images=int(images))
 
 
-def total_steps(samples: int, global_batch: int, epochs: float, num_steps: int = -1) -> int:
-  """Optimizer steps of a run (train.num_steps when > 0, else ceil(epochs × samples / global batch))."""
-  if num_steps and num_steps > 0:
-    return int(num_steps)
-  return max(1, math.ceil(float(epochs) * int(samples) / int(global_batch)))
-
-
-def step_seconds(flops: StepFlops, peak_flops_total: float, mfu: float) -> float:
-  """Seconds per step when the useful (model) FLOPs run at `mfu` of the devices' combined peak."""
-  if not 0 < mfu <= 1:
-    raise ValueError(f"mfu={mfu} must be in (0, 1]")
-  return flops.model / (peak_flops_total * mfu)
