@@ -31,7 +31,7 @@ def check_image_placeholders(input_ids, num_images: int, num_image_tokens: int, 
   expected = num_images * num_image_tokens
   if found != expected:
     raise ValueError(
-        f"input_ids hold {found} image placeholders (id {image_token_index}) but {num_images} valid image(s) give "
+        f"input_ids hold {found} image placeholders (id {image_token_index}) but {num_images} image(s) give "
         f"{expected} features ({num_image_tokens} per image); expand each <image> to {num_image_tokens} "
         f"placeholders and pass one image per placeholder run")
 

@@ -282,7 +282,7 @@ def test_mesh_and_batch_errors_say_what_to_change(setup):
     parallel.shard_batch(batch, mesh, micro_batches=4)
   with pytest.raises(ValueError, match=r"6 image slots.*multiple of 8"):
     parallel.shard_batch(dict(batch, pixel_values=batch["pixel_values"][:6], image_valid=IMAGE_VALID[:6]), mesh)
-  with pytest.raises(ValueError, match=r"96 image placeholders.*5 valid image"):
+  with pytest.raises(ValueError, match=r"96 image placeholders.*5 image\(s\) give"):
     _select_batch(setup.config, dict(batch, image_valid=IMAGE_VALID & (np.arange(8) != 0)))
   _select_batch(setup.config, batch)
 
