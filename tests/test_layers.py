@@ -81,3 +81,21 @@ def test_lower_layers_never_import_train(name):
   for path, module in package_modules():
     if module.startswith(f"llava_jax.{name}"):
       assert not [t for _, t in imports_of(path, module) if t.startswith("llava_jax.train")], path
+
+
+READERS = ("load_pretrained", "restore_params")  # checkpoint readers; placing in-memory params is not reading
+
+
+def test_weights_are_read_by_one_loader():
+  """Training init, eval, chat and serve read weights through `checkpoints.load.load_params` only: outside
+  llava_jax/checkpoints no module calls the readers it is built on."""
+  calls = []
+  for path, module in package_modules():
+    if module.startswith("llava_jax.checkpoints"):
+      continue
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+      if isinstance(node, ast.Call):
+        name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+        if name in READERS:
+          calls.append(f"{module}:{node.lineno} {name}")
+  assert not calls, calls

@@ -9,14 +9,14 @@ from typing import Optional
 from etils import epath
 
 from llava_jax import parallel, paths, recipes
-from llava_jax.checkpoints.hf import load_pretrained
+from llava_jax.checkpoints.load import load_params
 from llava_jax.checkpoints.orbax_params import PARAMS_DIR
 from llava_jax.data import from_config as data_config
 from llava_jax.errors import MissingFileError
 from llava_jax.eval.llava_bench import evaluate_llava_bench
 from llava_jax.eval.scienceqa import evaluate_scienceqa
 from llava_jax.eval.synthetic import evaluate_synthetic
-from llava_jax.infer.loading import load_for_inference, restore_orbax_params
+from llava_jax.infer.loading import load_for_inference
 
 EVAL_KINDS = ("synthetic", "scienceqa", "llava_bench")
 
@@ -39,11 +39,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: Optional[str] = None) 
   mesh = parallel.make_mesh(tuple(config.mesh))
   model_config = recipes.llava_config(last.model)
   path = checkpoint or paths.join(workdir if name is None else paths.join(workdir, name), PARAMS_DIR)
-  if (epath.Path(path) / "config.json").exists():
-    model_config, params = load_pretrained(path, runtime=model_config.runtime, mesh=mesh)
-  else:
-    if not epath.Path(path).is_dir():
-      raise MissingFileError(f"no params at {path}: train first, or pass --checkpoint")
-    params = restore_orbax_params(path, model_config, mesh)  # quantized on the host under --quantize
+  if not epath.Path(path).is_dir():
+    raise MissingFileError(f"no params at {path}: train first, or pass --checkpoint")
+  model_config, params = load_params(path, model_config, mesh)  # quantized on the host under --quantize
   tokenizer = data_config.build_tokenizer(last, model_config, workdir)
   return evaluate_synthetic(config, model_config, params, tokenizer, mesh=mesh)

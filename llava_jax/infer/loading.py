@@ -20,7 +20,6 @@ import os
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
-from flax import traverse_util
 
 from llava_jax import parallel, recipes
 from llava_jax.config import LlavaConfig
@@ -30,16 +29,13 @@ from llava_jax.data import from_config as data_config
 from llava_jax.data.image import load_image, preprocess
 from llava_jax.data.tokenize import encode_generation_prompt, stop_token_ids
 from llava_jax.data.tokenizer import load_tokenizer
-from llava_jax.checkpoints.hf import load_pretrained, place_host_params
-from llava_jax.checkpoints.orbax_params import PARAMS_DIR, restore_params, saved_tree
+from llava_jax.checkpoints.load import is_orbax_dir, load_params
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR
 from llava_jax.errors import ConfigError, MissingFileError
-from llava_jax.models.llava import param_shardings
-from llava_jax.models.quant import is_quantized_path
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 
 
 @dataclasses.dataclass
@@ -85,10 +81,6 @@ class InferenceModel:
                                     image_token_index=self.config.image_token_index, num_images=num_images)
 
 
-def _is_orbax_dir(path: str) -> bool:
-  return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _ORBAX_MARKERS)
-
-
 def _has_tokenizer(path: str) -> bool:
   return any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
@@ -106,7 +98,7 @@ def resolve_checkpoint(config, workdir: Optional[str], checkpoint: Optional[str]
       raise MissingFileError(f"--checkpoint={checkpoint}: no such file or directory")
     if os.path.exists(os.path.join(path, "config.json")):
       return "pretrained", path, workdir
-    if _is_orbax_dir(path):
+    if is_orbax_dir(path):
       run = workdir
       if run is None:  # <run>/params or <run>/<stage>/params: the run dir holds tokenizer/
         parent = os.path.dirname(path)
@@ -114,7 +106,7 @@ def resolve_checkpoint(config, workdir: Optional[str], checkpoint: Optional[str]
                    parent)
       return "params", path, run
     for candidate in (run_params(path), os.path.join(path, PARAMS_DIR)):
-      if _is_orbax_dir(candidate):
+      if is_orbax_dir(candidate):
         return "params", candidate, workdir or path
     raise MissingFileError(
         f"--checkpoint={checkpoint} is neither a checkpoint directory with a config.json (llava-hf, original "
@@ -125,7 +117,7 @@ def resolve_checkpoint(config, workdir: Optional[str], checkpoint: Optional[str]
   if not os.path.isdir(workdir):
     raise MissingFileError(f"--workdir={workdir}: no such directory (pass a finished training run, or --checkpoint)")
   path = run_params(os.path.abspath(workdir))
-  if not _is_orbax_dir(path):
+  if not is_orbax_dir(path):
     raise MissingFileError(f"no finished run in --workdir={workdir} ({path} missing): train first with "
                            f"`python -m llava_jax.main --config=... --workdir={workdir}`, or pass --checkpoint")
   return "params", path, workdir
@@ -154,12 +146,11 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
     mesh = default_mesh(stage)
   kind, path, run_dir = resolve_checkpoint(config, workdir, checkpoint)
   if kind == "pretrained":
-    model_config, params = load_pretrained(path, runtime=model_config.runtime, mesh=mesh,
-                                           allow_pickle=bool(stage.init.get("allow_pickle", False)))
+    model_config, params = load_params(path, model_config, mesh, allow_pickle=bool(stage.init.allow_pickle))
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)
   else:
     tokenizer = _load_tokenizer(stage, model_config, kind, path, run_dir)  # before the weights: fail fast
-    params = restore_orbax_params(path, model_config, mesh)
+    model_config, params = load_params(path, model_config, mesh)
   tpl = conv_lib.get_template(template or stage.data.template)
   if tpl.captions_only:
     logger.warning("template %r is the stage-1 captioning format: questions are dropped; pass --template "
@@ -172,21 +163,6 @@ def load_for_inference(config, *, workdir: Optional[str] = None, checkpoint: Opt
       stop_token_ids=stop_token_ids(tpl, tokenizer), stop_strings=conv_lib.stop_strings(tpl),
       aspect_ratio=stage.data.image_aspect_ratio, max_pixels=int(stage.data.max_pixels), mesh=mesh, name=name,
       source=path)
-
-
-def restore_orbax_params(path: str, model_config: LlavaConfig, mesh):
-  """Float params saved by training → device params of `model_config`; with `runtime.quantize` set they are
-  read to host memory and quantized leaf by leaf before placement (`hf.place_host_params`). Params saved
-  already quantized (a QLoRA run's) are read as they are."""
-  quantize = model_config.runtime.quantize
-  try:
-    if quantize is None or not any(is_quantized_path(p) for p in traverse_util.flatten_dict(saved_tree(path))):
-      return restore_params(path, None if mesh is None else param_shardings(model_config, mesh))
-    host = restore_params(path, host=True)
-    return place_host_params(host, model_config, mesh)
-  except (ValueError, KeyError) as e:
-    raise ConfigError(f"{path} does not hold params of the config's model ({e}); pass the --config the run "
-                      f"was trained with") from None
 
 
 def _load_tokenizer(stage, model_config, kind: str, path: str, run_dir: Optional[str]):

@@ -125,6 +125,12 @@ def is_quantized_path(path: Tuple[str, ...]) -> bool:
   return len(path) >= 3 and path[0] == DECODER and path[-1] == "kernel" and path[-2] in TARGET_MODULES
 
 
+def float_kernels(tree) -> list:
+  """Sorted paths (tuples) of the float decoder kernels `runtime.quantize` replaces, in any tree with the param
+  paths (params, orbax metadata, shapes)."""
+  return sorted(p for p in traverse_util.flatten_dict(tree) if is_quantized_path(p))
+
+
 def quantize_params(params: dict, mode: str) -> dict:
   """Quantize every decoder q/k/v/o/gate/up/down `kernel` leaf of a float param tree (scanned [L, in, out] or
   unscanned), IN PLACE: each float leaf is replaced by its kernel_q / kernel_scale as soon as it is converted,

@@ -27,17 +27,15 @@ import numpy as np
 from etils import epath
 
 from llava_jax import parallel, paths, recipes
-from llava_jax.checkpoints.hf import load_pretrained
-from llava_jax.checkpoints.orbax_params import PARAMS_DIR, restore_params, save_params, saved_tree
+from llava_jax.checkpoints.load import load_params
+from llava_jax.checkpoints.orbax_params import PARAMS_DIR, save_params
 from llava_jax.config import LlavaConfig
 from llava_jax.data import from_config as data_config
 from llava_jax.data.pipeline import make_pipeline
 from llava_jax.errors import MissingFileError
 from llava_jax.eval.synthetic import evaluate_synthetic
 from llava_jax.models import flops as flops_lib
-from llava_jax.models.llava import param_shardings
-from llava_jax.models.lora import adapter_paths, strip_lora
-from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib, qlora
+from llava_jax.train import checkpointing, host_batches, metrics as metrics_lib
 from llava_jax.train.optim import optimizer_from_config
 from llava_jax.train.progress import StepProgress
 from llava_jax.train.state import TrainState, abstract_train_state, create_train_state, state_shardings
@@ -90,33 +88,27 @@ def total_steps(config, num_samples: int) -> int:
 
 
 def initial_params(config, model_config: LlavaConfig, mesh):
-  """Starting weights: a previous stage's params, an imported checkpoint, or None (random init).
+  """Starting weights (`checkpoints.load.load_params`): a previous stage's params, an imported checkpoint, or
+  None (random init).
 
-  Returns (model_config, params or None); an imported checkpoint's architecture wins over the config's.
+  Returns (model_config, params or None); an imported checkpoint's architecture wins over the config's, and the
+  config's LoRA runtime is kept (a base checkpoint's adapters start fresh in the train state).
   """
   init = config.init
   if init.from_workdir:
     path = paths.join(init.from_workdir, PARAMS_DIR)
     if not epath.Path(path).is_dir():
       raise MissingFileError(f"init.from_workdir={init.from_workdir!r} has no finished run ({path} missing)")
-    shardings = param_shardings(model_config, mesh)
-    if model_config.runtime.lora is not None:  # LoRA after a base-model stage: adapters start fresh (train state)
-      if not adapter_paths(saved_tree(path)):
-        shardings = strip_lora(shardings)
-    if model_config.runtime.quantize is not None and qlora.float_kernels(saved_tree(path)):
-      # QLoRA on a float run: read to host memory, quantized there by create_train_state (train/qlora.py)
-      return model_config, restore_params(path, host=True)
-    return model_config, restore_params(path, shardings)
+    return load_params(path, model_config, mesh)
   if init.pretrained or init.language_model:
-    path = init.pretrained or init.language_model
-    loaded_config, params = load_pretrained(
-        path, vision_tower=init.vision_tower or None, projector=init.projector or None,
-        projector_type=None if init.pretrained else model_config.projector_type,
-        runtime=model_config.runtime, mesh=mesh, allow_pickle=bool(init.allow_pickle), seed=int(init.seed),
+    loaded_config, params = load_params(
+        init.pretrained or init.language_model, model_config, mesh, vision_tower=init.vision_tower or None,
+        projector=init.projector or None, projector_type=None if init.pretrained else model_config.projector_type,
+        allow_pickle=bool(init.allow_pickle), seed=int(init.seed),
         config_overrides=dict(vision_feature_layer=model_config.vision_feature_layer,
                               vision_feature_select_strategy=model_config.vision_feature_select_strategy)
         if not init.pretrained else None)
-    return loaded_config.with_runtime(lora=model_config.runtime.lora), params  # base weights: fresh adapters
+    return loaded_config.with_runtime(lora=model_config.runtime.lora), params
   return model_config, None
 
 

@@ -10,8 +10,8 @@ adapters and the projector. Embeddings, norms, the lm_head, CLIP and the project
 Starting weights are float (a llava-hf / LLaMA directory, a previous stage's params); each float kernel is
 quantized on the host before it is placed, so the float decoder never exists on device:
 - `init.pretrained` / `init.language_model`: `checkpoints.hf.load_pretrained` quantizes while it streams;
-- `init.from_workdir` (a float run's `params/`): read into host memory (`restore_params(host=True)`) and handed
-  to `create_train_state` as a float base;
+- `init.from_workdir` (a float run's `params/`): `checkpoints.load.restore_orbax_params` reads it into host
+  memory and quantizes it as it is placed;
 - a float base given to `create_train_state` (numpy or jax arrays): `quantize_float_base`, which places it with
   `checkpoints.hf.place_host_params` (quantizing kernel by kernel); adapters given with it are kept.
 A QLoRA run's own checkpoints and its final `params/` hold the quantized tree (integer leaves included) and
@@ -27,18 +27,12 @@ from llava_jax.config import LlavaConfig
 from llava_jax.models import lora, quant
 
 
-def float_kernels(tree) -> list:
-  """Sorted paths (tuples) of the float decoder kernels `runtime.quantize` replaces, in any tree with the param
-  paths (params, orbax metadata, shapes)."""
-  return sorted(p for p in traverse_util.flatten_dict(tree) if quant.is_quantized_path(p))
-
-
 def quantize_float_base(config: LlavaConfig, params, mesh: Mesh):
   """Params for `config` given with float decoder kernels (a float base) → the quantized tree placed on the
   model's shardings on `mesh` (`hf.place_host_params`: each kernel quantized on the host, then placed). LoRA
   adapters in `params` are passed through as they are (the train state places them and adds missing ones).
   Params without float decoder kernels, and configs without `runtime.quantize`, are returned unchanged."""
-  if config.runtime.quantize is None or not float_kernels(params):
+  if config.runtime.quantize is None or not quant.float_kernels(params):
     return params
   flat = traverse_util.flatten_dict(params)
   adapters = {p: flat.pop(p) for p in list(flat) if p[-1] in (lora.LORA_A, lora.LORA_B)}

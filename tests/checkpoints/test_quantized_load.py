@@ -12,7 +12,7 @@ from llava_jax.checkpoints.hf import load_pretrained, place_host_params
 from llava_jax.checkpoints.orbax_params import restore_params, save_params
 from llava_jax.config import RuntimeOptions
 from llava_jax.errors import ConfigError
-from llava_jax.infer import loading
+from llava_jax.checkpoints import load
 from llava_jax.models import quant
 from llava_jax.parallel import make_mesh
 from tests.fixtures import hf_checkpoints as H
@@ -91,13 +91,13 @@ def test_orbax_params_are_quantized_on_the_host(float_load, tmp_path, placed):
   path = save_params(str(tmp_path / "params"), float_params)
   placed.clear()
   config = float_config.with_runtime(quantize="int4")
-  params = loading.restore_orbax_params(path, config, None)
+  params = load.restore_orbax_params(path, config, None)
   assert_no_float_decoder_kernel_placed(placed, config)
   assert_is_quantized_float(params, float_params, "int4")
   host = restore_params(path, host=True)
   assert all(isinstance(v, np.ndarray) for v in jax.tree.leaves(host))
   again = save_params(str(tmp_path / "quantized"), params)  # an already quantized tree loads as it is
-  assert_is_quantized_float(loading.restore_orbax_params(again, config, None), float_params, "int4")
+  assert_is_quantized_float(load.restore_orbax_params(again, config, None), float_params, "int4")
 
 
 def test_mismatched_params_are_a_clear_error(float_load, tmp_path):
@@ -110,7 +110,7 @@ def test_mismatched_params_are_a_clear_error(float_load, tmp_path):
   other = float_config.replace(text=float_config.text.__class__(**{**float_config.text.__dict__,
                                                                     "intermediate_size": 192}))
   with pytest.raises(ConfigError, match="does not hold params"):
-    loading.restore_orbax_params(path, other.with_runtime(quantize="int8"), None)
+    load.restore_orbax_params(path, other.with_runtime(quantize="int8"), None)
 
 
 def test_export_writes_the_dequantized_weights_and_merges_qlora(saved, float_load, tmp_path):
