@@ -28,9 +28,11 @@ import os
 import shutil
 from typing import List, Tuple
 
+import ml_dtypes
 import numpy as np
 
 from bench import common
+from llava_jax.checkpoints.export import write_safetensors_streamed
 
 INDEX = "model.safetensors.index.json"
 MANIFEST = "bench_manifest.json"
@@ -40,28 +42,11 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclasses.dataclass(frozen=True)
-class BigShapes:
-  name: str
-  v_hidden: int
-  v_mlp: int
-  v_layers: int
-  v_heads: int
-  image_size: int
-  patch: int
+class BigShapes(common.ModelShapes):
+  """A checkpoint's shapes: the model's dimensions plus what only the checkpoint states."""
   projection_dim: int
-  t_hidden: int
-  t_mlp: int
-  t_layers: int
-  t_heads: int
-  t_kv_heads: int
-  vocab: int
-  image_token: int
   max_positions: int
   shard_bytes: int
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch) ** 2
 
 
 LLAVA_7B = BigShapes("7b", v_hidden=1024, v_mlp=4096, v_layers=24, v_heads=16, image_size=336, patch=14,
@@ -139,20 +124,10 @@ def _random_bf16(rng: np.random.Generator, key: str, shape) -> np.ndarray:
 
 
 def _write_shard(path: str, tensors, rng) -> int:
-  header = {"__metadata__": {"format": "pt"}}
-  offset = 0
-  for key, shape in tensors:
-    nbytes = 2 * int(np.prod(shape))
-    header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  with open(path, "wb") as f:
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for key, shape in tensors:
-      f.write(memoryview(_random_bf16(rng, key, shape)).cast("B"))
-  return offset
+  """One bf16 shard of random weights, each tensor generated as it is written (`export.write_safetensors_streamed`)."""
+  shapes = dict(tensors)
+  return write_safetensors_streamed(path, [(k, shape, ml_dtypes.bfloat16) for k, shape in tensors],
+                                    lambda k: _random_bf16(rng, k, shapes[k]).view(ml_dtypes.bfloat16))
 
 
 def shard_names(n: int) -> List[str]:

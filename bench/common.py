@@ -23,9 +23,8 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
-class Preset:
-  """Model dimensions and benchmark sizes. `full` is the small-but-real config of the report; `quick` is a
-  seconds-long smoke run of the same code (tests/test_bench.py)."""
+class ModelShapes:
+  """A LLaVA's dimensions (CLIP tower + LLaMA decoder), shared by the presets and bench/big_ckpt.py."""
   name: str
   # vision tower (CLIP)
   v_hidden: int
@@ -42,6 +41,16 @@ class Preset:
   t_kv_heads: int
   vocab: int          # embedding rows (llava-hf pads 32000 to 32064; <image> = 32000)
   image_token: int
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset(ModelShapes):
+  """Model dimensions and benchmark sizes. `full` is the small-but-real config of the report; `quick` is a
+  seconds-long smoke run of the same code (tests/test_bench.py)."""
   # benchmark sizes
   train_batch: int
   train_text: int     # text tokens per training row (plus one image's placeholders)
@@ -64,10 +73,6 @@ class Preset:
   ckpt_v_mlp: int
   ckpt_v_layers: int
   ckpt_shard_bytes: int
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch) ** 2
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

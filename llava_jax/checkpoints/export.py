@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import shutil
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -109,23 +109,39 @@ def identity_linear_2(config: LlavaConfig, dtype) -> Iterator[Tuple[str, np.ndar
     yield f"{HUB_PROJECTOR_PREFIX}linear_2.bias", np.zeros((d,), dtype)
 
 
-def write_safetensors(path: str, tensors: List[Tuple[str, np.ndarray]], metadata: Optional[dict] = None) -> None:
-  """Write (name, array) pairs as a safetensors file (any numpy / ml_dtypes dtype safetensors knows)."""
+def write_safetensors(path: str, tensors: List[Tuple[str, np.ndarray]], metadata: Optional[dict] = None) -> int:
+  """Write (name, array) pairs as a safetensors file (any numpy / ml_dtypes dtype safetensors knows); returns
+  the bytes of tensor data."""
+  arrays = dict(tensors)
+  return write_safetensors_streamed(path, [(n, a.shape, a.dtype) for n, a in tensors], arrays.__getitem__,
+                                    metadata)
+
+
+def write_safetensors_streamed(path: str, specs: Sequence[Tuple[str, Sequence[int], Any]],
+                               produce: Callable[[str], np.ndarray], metadata: Optional[dict] = None) -> int:
+  """Write a safetensors file whose tensors are made one at a time: `specs` (name, shape, dtype) make the header,
+  then `produce(name)` gives each array as it is written (host memory holds one tensor at a time, so a
+  multi-GB shard of generated weights needs no more). Returns the bytes of tensor data."""
   header: Dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
   offset = 0
-  for name, arr in tensors:
-    code = _DTYPE_CODES.get(arr.dtype)
+  for name, shape, dtype in specs:
+    code = _DTYPE_CODES.get(np.dtype(dtype))
     if code is None:
-      raise ValueError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors code")
-    header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-    offset += arr.nbytes
+      raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors code")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
   with open(path, "wb") as f:
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    for _, arr in tensors:
-      f.write(np.ascontiguousarray(arr).tobytes())  # little-endian hosts (x86, ARM, TPU VMs)
+    for name, shape, dtype in specs:
+      arr = produce(name)
+      if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise ValueError(f"tensor {name!r}: produced {arr.dtype}{list(arr.shape)}, header says {dtype}{list(shape)}")
+      f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)  # little-endian hosts (x86, ARM, TPU VMs)
+  return offset
 
 
 def export_hf(config: LlavaConfig, params: dict, out_dir: str, tokenizer: Any = None, *,

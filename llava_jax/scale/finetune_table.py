@@ -15,7 +15,6 @@ compiling. 7B compiles take 5-15 min of one CPU core each: run it niced in the b
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from typing import List, Optional
 from absl import app, flags
 
 from llava_jax import config_files
+from llava_jax.scale.results import append_row, read_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -188,21 +188,13 @@ def render(rows: List[dict], methods=METHODS, topologies=TOPOLOGIES) -> str:
   return text
 
 
-def _read(path: str) -> List[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def main(argv):
   del argv
   F = flags.FLAGS
-  rows = _read(F.out)
+  rows = read_rows(F.out)
   if not F.render_only:
     import jax
     jax.config.update("jax_platforms", "cpu")  # this process only counts; the compiles run in child processes
-    from llava_jax.scale import tpu
     known = {m.key: m for m in METHODS}
     unknown = [k for k in F.methods if k not in known]
     if unknown:
@@ -224,10 +216,7 @@ def main(argv):
         if (r.get("error") or "").startswith("the measuring process died"):  # the machine's failure, not a verdict
           print(f"   not recorded (a rerun retries it): {r['error']}", flush=True)
           continue
-        r.update(jax=jax.__version__, libtpu=tpu.libtpu_version())
-        rows.append(r)
-        with open(F.out, "a") as f:
-          f.write(json.dumps(r) + "\n")
+        rows.append(append_row(F.out, r))
   print(render(rows))
 
 

@@ -9,7 +9,6 @@ compile on a CPU, so run it in the background: `nice python -m llava_jax.scale.t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import List, Optional
 from absl import app, flags
 
 from llava_jax import config_files
+from llava_jax.scale.results import append_row, read_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 1024 ** 3
@@ -160,16 +160,9 @@ def render(rows: List[dict]) -> str:
   return "\n".join(lines)
 
 
-def _read(path: str) -> List[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def main(argv):
   del argv
-  rows = _read(_OUT.value)
+  rows = read_rows(_OUT.value)
   if not _RENDER_ONLY.value:
     from llava_jax.scale import tpu
     if not tpu.libtpu_available():
@@ -192,10 +185,7 @@ def main(argv):
       except Exception as e:  # noqa: BLE001 — one failed row must not lose the others
         print(f"   failed: {type(e).__name__}: {e}", flush=True)
         continue
-      row.update(jax=jax.__version__, libtpu=tpu.libtpu_version())
-      rows.append(row)
-      with open(_OUT.value, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      rows.append(append_row(_OUT.value, row))
   print(render(rows))
 
 
