@@ -72,4 +72,4 @@ def test_the_installed_package_runs_the_main_job_outside_a_checkout(installed, t
           "runpy.run_module('llava_jax.main', run_name='__main__')\n")
   out = _run_installed(installed, code, str(tmp_path))
   assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
-  assert (workdir / "params").is_dir() or any((workdir / d / "params").is_dir() for d in os.listdir(workdir))
+  assert (workdir / "params").is_dir() and (workdir / "eval_report.json").is_file(), sorted(os.listdir(workdir))
