@@ -21,6 +21,8 @@ PROJECTOR_TYPES_DOC = "'linear', 'mlp2x_gelu', 'mlp3x_gelu', ... ('mlp{N}x_gelu'
 
 
 LORA_DEFAULT_TARGET = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# PEFT `modules_to_save` we can train fully next to the adapters: PEFT name → our param path under language_model
+LORA_MODULES_TO_SAVE = {"lm_head": "lm_head/kernel", "embed_tokens": "embed_tokens/embedding"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +33,15 @@ class LoraConfig:
   is the base model). rank: r (> 0). alpha: lora_alpha. dropout: on the adapter's input only (training steps
   that pass a 'dropout' rng). target: regex `re.fullmatch`ed against each decoder Dense's '/'-joined module path
   (e.g. 'language_model/layers/self_attn/q_proj'; 'layers_3' when layers are not scanned); the default is
-  LLaVA's `find_all_linear_names` (every decoder linear but the lm_head).
+  LLaVA's `find_all_linear_names` (every decoder linear but the lm_head). modules_to_save: PEFT's option of the
+  same name, a subset of ('lm_head', 'embed_tokens') trained fully next to the adapters. Not in LLaVA's recipe,
+  whose Vicuna already knows its vocabulary; for a base that has never produced the fine-tuning data's tokens.
   """
   rank: int = 128
   alpha: float = 256.0
   dropout: float = 0.05
   target: str = LORA_DEFAULT_TARGET
+  modules_to_save: Tuple[str, ...] = ()
 
   def __post_init__(self):
     if int(self.rank) <= 0:
@@ -44,6 +49,11 @@ class LoraConfig:
     if not 0.0 <= float(self.dropout) < 1.0:
       raise ValueError(f"lora dropout={self.dropout} must be in [0, 1)")
     re.compile(self.target)
+    object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+    unknown = [m for m in self.modules_to_save if m not in LORA_MODULES_TO_SAVE]
+    if unknown:
+      raise ValueError(f"lora modules_to_save={list(self.modules_to_save)}: {unknown} unknown; choose from "
+                       f"{sorted(LORA_MODULES_TO_SAVE)}")
 
   @property
   def scale(self) -> float:

@@ -18,12 +18,19 @@ import dataclasses
 import ml_collections
 
 from llava_jax import limits, openai_client
-from llava_jax.config import QUANTIZE_MODES, LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax.config import LORA_MODULES_TO_SAVE, QUANTIZE_MODES, LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
 
 STAGE1_TRAINABLE = r"multi_modal_projector/.*"
 STAGE2_TRAINABLE = r"multi_modal_projector/.*|language_model/.*"
 VISION_TOWER = r"vision_tower/.*"  # train.freeze's default: LLaVA never trains CLIP
 LORA_TRAINABLE = r"multi_modal_projector/.*|.*/lora_(a|b)"  # LoRA fine-tuning: adapters + the projector
+
+
+def lora_trainable(modules_to_save=()) -> str:
+  """`train.trainable` of a LoRA stage: adapters + the projector (`LORA_TRAINABLE`), plus the decoder modules
+  PEFT would save in full (`LoraConfig.modules_to_save`: 'lm_head', 'embed_tokens')."""
+  paths = [f"language_model/{LORA_MODULES_TO_SAVE[m]}" for m in modules_to_save]
+  return "|".join([LORA_TRAINABLE] + paths)
 
 
 def _dc(obj) -> dict:
@@ -77,7 +84,7 @@ def with_lora(config: ml_collections.ConfigDict, mm_projector_lr: float = 2e-5, 
   adapters + projector trained, the projector at its own peak rate `mm_projector_lr` (reference: 2e-5 while the
   adapters use train.learning_rate, 2e-4)."""
   config.model.runtime.lora = lora_section(**lora)
-  config.train.trainable = LORA_TRAINABLE
+  config.train.trainable = lora_trainable(config.model.runtime.lora.modules_to_save)
   config.train.mm_projector_lr = float(mm_projector_lr)
   return config
 

@@ -6,13 +6,17 @@ it and computes our logits:
   base_model.model.model.language_model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight  [r, in]  = A[i]ᵀ
   base_model.model.model.language_model.layers.{i}.{self_attn|mlp}.{name}.lora_B.weight  [out, r] = B[i]ᵀ
 with `target_modules` a regex over those module names restricted to the language model (a plain list such as
-['q_proj', ...] would also put adapters on CLIP's q/k/v projections, which we never adapt).
+['q_proj', ...] would also put adapters on CLIP's q/k/v projections, which we never adapt). With
+`LoraConfig.modules_to_save` the fully trained modules are written as PEFT writes them:
+  base_model.model.lm_head.weight                              [V, D] = lm_head kernelᵀ
+  base_model.model.model.language_model.embed_tokens.weight    [V, D]
 
 Import reads such a directory onto our params: it accepts the transformers 4 layout
 (`base_model.model.language_model.model.layers.…`), PEFT's adapter-name infix (`lora_A.default.weight`) and
 adapters of a bare `LlamaForCausalLM` (`base_model.model.model.layers.…`). Layers an adapter does not cover get
 A = B = 0 (no change), so `layers_to_transform` adapters load too. Anything PEFT can express but our LoRA cannot
-(DoRA, rsLoRA, per-module rank / alpha patterns, biases, vision-tower adapters, modules_to_save) is refused.
+(DoRA, rsLoRA, per-module rank / alpha patterns, biases, vision-tower adapters, modules_to_save other than the
+lm_head and embed_tokens) is refused.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from llava_jax.checkpoints.table import get_in, set_in
-from llava_jax.config import LlavaConfig, LoraConfig
+from llava_jax.config import LORA_MODULES_TO_SAVE, LlavaConfig, LoraConfig
 from llava_jax.errors import ConfigError, MissingFileError
 from llava_jax.models.lora import LORA_A, LORA_B, adapter_paths, strip_lora
 
@@ -34,6 +38,11 @@ PEFT_PREFIX = "base_model.model.model.language_model.layers."
 _KEY = re.compile(r"base_model\.model\.(?P<pre>.*?)layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<name>\w+)"
                   r"\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight")
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")  # transformers 5, 4, bare Llama
+# modules_to_save tensors: transformers 5 / 4 / bare Llama names (PEFT may keep a `modules_to_save.<adapter>.` infix)
+_SAVED_KEY = re.compile(r"base_model\.model\.(?P<pre>model\.language_model\.|language_model\.model\.|language_model\.|"
+                        r"model\.)?(?P<module>lm_head|embed_tokens)\.(?:modules_to_save\.[\w-]+\.)?weight")
+PEFT_SAVED_KEYS = {"lm_head": "base_model.model.lm_head.weight",
+                   "embed_tokens": "base_model.model.model.language_model.embed_tokens.weight"}
 
 
 def _adapter_modules(params) -> Dict[Tuple[str, str], bool]:
@@ -60,6 +69,9 @@ def peft_adapter_tensors(config: LlavaConfig, params) -> Dict[str, np.ndarray]:
         value = np.asarray(get_in(params, base + (leaf,)))
         value = value[i] if scanned else value
         out[f"{PEFT_PREFIX}{i}.{block}.{name}.lora_{ab}.weight"] = np.ascontiguousarray(value.T)
+  for module in config.runtime.lora.modules_to_save if config.runtime.lora is not None else ():
+    value = np.asarray(get_in(params, ("language_model",) + tuple(LORA_MODULES_TO_SAVE[module].split("/"))))
+    out[PEFT_SAVED_KEYS[module]] = np.ascontiguousarray(value.T if module == "lm_head" else value)
   return out
 
 
@@ -74,7 +86,8 @@ def peft_adapter_config(lora: LoraConfig, names, base_model_name_or_path: Option
       "lora_dropout": float(lora.dropout),
       "target_modules": rf".*language_model.*\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})",
       "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-      "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+      "use_rslora": False, "use_dora": False, "modules_to_save": list(lora.modules_to_save) or None,
+      "layers_to_transform": None,
       "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
   }
 
@@ -109,17 +122,20 @@ def lora_config_from_peft(d: dict, names) -> LoraConfig:
   unsupported += [k for k in ("rank_pattern", "alpha_pattern") if d.get(k)]
   if d.get("bias", "none") != "none":
     unsupported.append(f"bias={d['bias']!r}")
-  if d.get("modules_to_save"):
-    unsupported.append(f"modules_to_save={d['modules_to_save']!r}")
+  saved = tuple(d.get("modules_to_save") or ())
+  if any(m not in LORA_MODULES_TO_SAVE for m in saved):
+    unsupported.append(f"modules_to_save={list(saved)!r} (only {sorted(LORA_MODULES_TO_SAVE)})")
   if unsupported:
     raise ConfigError(f"PEFT adapter uses {unsupported}, which llava_jax's LoRA does not implement")
   target = rf".*/({'|'.join(sorted(set(names)))})"
   return LoraConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
-                    target=target)
+                    target=target, modules_to_save=saved)
 
 
-def read_peft_adapter(adapter_dir: str) -> Tuple[dict, Dict[Tuple[int, str, str, str], np.ndarray]]:
-  """(adapter_config dict, {(layer, block, name, 'A'|'B'): torch-layout array}) of a PEFT directory."""
+def read_peft_adapter(adapter_dir: str) -> Tuple[dict, Dict[Tuple[int, str, str, str], np.ndarray],
+                                                 Dict[str, np.ndarray]]:
+  """(adapter_config dict, {(layer, block, name, 'A'|'B'): torch-layout array}, {'lm_head' | 'embed_tokens':
+  torch-layout [V, D] array of a modules_to_save module}) of a PEFT directory."""
   from safetensors.numpy import load_file
   cfg_path, w_path = os.path.join(adapter_dir, ADAPTER_CONFIG), os.path.join(adapter_dir, ADAPTER_WEIGHTS)
   for p in (cfg_path, w_path):
@@ -128,14 +144,22 @@ def read_peft_adapter(adapter_dir: str) -> Tuple[dict, Dict[Tuple[int, str, str,
                               f"{ADAPTER_WEIGHTS}")
   with open(cfg_path) as f:
     d = json.load(f)
-  tensors = {}
+  tensors, saved = {}, {}
   for key, value in load_file(w_path).items():
+    s = _SAVED_KEY.fullmatch(key)
+    if s is not None:
+      saved[s["module"]] = value
+      continue
     m = _KEY.fullmatch(key)
     if m is None or m["pre"] not in _TEXT_PREFIXES:
       raise ConfigError(f"adapter tensor {key!r} is not a LoRA weight of the language model's decoder layers "
                        f"(expected e.g. {PEFT_PREFIX}0.self_attn.q_proj.lora_A.weight)")
     tensors[(int(m["layer"]), m["block"], m["name"], m["ab"])] = value
-  return d, tensors
+  declared = set(d.get("modules_to_save") or ())
+  if set(saved) != declared & set(LORA_MODULES_TO_SAVE) and declared <= set(LORA_MODULES_TO_SAVE):
+    raise ConfigError(f"adapter_config.json lists modules_to_save={sorted(declared)} but the weights hold "
+                      f"{sorted(saved)}")
+  return d, tensors, saved
 
 
 def import_peft_adapter(adapter_dir: str, config: LlavaConfig, params) -> Tuple[LlavaConfig, dict]:
@@ -144,7 +168,7 @@ def import_peft_adapter(adapter_dir: str, config: LlavaConfig, params) -> Tuple[
   params: a base tree for `config` (any existing adapters are replaced). Shapes are checked against the kernels;
   arrays come back as numpy in the kernel's dtype (place them with the train state's shardings).
   """
-  d, tensors = read_peft_adapter(adapter_dir)
+  d, tensors, saved = read_peft_adapter(adapter_dir)
   names = {(block, name) for (_, block, name, _) in tensors}
   lora = lora_config_from_peft(d, [n for _, n in names])
   out = strip_lora(params)
@@ -173,6 +197,14 @@ def import_peft_adapter(adapter_dir: str, config: LlavaConfig, params) -> Tuple[
       for i, path in enumerate(layers):
         set_in(out, path + (LORA_A,), a_rows[i])
         set_in(out, path + (LORA_B,), b_rows[i])
+  for module, value in saved.items():
+    path = ("language_model",) + tuple(LORA_MODULES_TO_SAVE[module].split("/"))
+    current = get_in(out, path)
+    value = value.T if module == "lm_head" else value
+    if value.shape != current.shape:
+      raise ConfigError(f"modules_to_save {module}: {value.shape[::-1] if module == 'lm_head' else value.shape} "
+                       f"does not fit the model's {current.shape[::-1] if module == 'lm_head' else current.shape}")
+    set_in(out, path, np.asarray(value, current.dtype))
   extra = sorted({i for (i, *_) in tensors if i >= num_layers})
   if extra:
     raise ConfigError(f"adapter has layers {extra} but the model has {num_layers}")

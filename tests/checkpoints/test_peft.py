@@ -156,3 +156,42 @@ def test_what_our_lora_cannot_compute_is_refused(base, peft_dir, tmp_path):
     peft_io.import_peft_adapter(str(tmp_path), config, params)
   with pytest.raises(ValueError, match="no LoRA adapter"):
     peft_io.export_peft_adapter(config.with_runtime(lora=LoraConfig(rank=2)), params, str(tmp_path / "x"))
+
+
+def test_modules_to_save_round_trip_with_peft(base, tmp_path):
+  """modules_to_save=['lm_head', 'embed_tokens'] (fully trained next to the adapters): PEFT's adapter imports
+  onto our params with PEFT's logits, and ours, exported, loads into PeftModel with ours; keys as PEFT writes them."""
+  import torch
+  config, params = base
+  pm = peft_model(modules_to_save=["lm_head", "embed_tokens"])
+  with torch.no_grad():  # trained copies that differ from the base model's
+    torch.manual_seed(3)
+    for name, module in pm.named_modules():
+      if name.endswith("modules_to_save.default"):
+        module.weight.add_(torch.randn_like(module.weight) * 0.1)
+  pm.save_pretrained(str(tmp_path / "theirs"))
+  theirs = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
+  assert set(peft_io.PEFT_SAVED_KEYS.values()) <= set(theirs)
+  lconfig, lparams = peft_io.import_peft_adapter(str(tmp_path / "theirs"), config, params)
+  assert lconfig.runtime.lora.modules_to_save == ("lm_head", "embed_tokens")
+  ids, mask, pixels = H.inputs(config.num_image_tokens)
+  ref = H.reference_logits(pm, ids, mask, pixels)
+  H.assert_logits_close(H.our_logits(lconfig, lparams, ids, mask, pixels), ref, mask)
+  out = peft_io.export_peft_adapter(lconfig, lparams, str(tmp_path / "ours"))
+  ours = load_file(os.path.join(out, "adapter_model.safetensors"))
+  assert sorted(ours) == sorted(theirs)
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  loaded = peft.PeftModel.from_pretrained(H.tiny_llava(seed=SEED), out).eval()
+  H.assert_logits_close(H.reference_logits(loaded, ids, mask, pixels), ref, mask)
+  # declared but missing, and modules we cannot train, are refused
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+  json.dump({**cfg, "modules_to_save": ["lm_head", "embed_tokens", "multi_modal_projector"]}, open(bad / "adapter_config.json", "w"))
+  os.symlink(os.path.join(out, "adapter_model.safetensors"), bad / "adapter_model.safetensors")
+  with pytest.raises(ValueError, match="modules_to_save"):
+    peft_io.import_peft_adapter(str(bad), config, params)
+  json.dump({**cfg, "modules_to_save": None}, open(bad / "adapter_config.json", "w"))
+  with pytest.raises(ValueError, match="modules_to_save"):
+    peft_io.import_peft_adapter(str(bad), config, params)
