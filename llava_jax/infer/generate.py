@@ -40,7 +40,7 @@ import numpy as np
 
 from llava_jax import parallel
 from llava_jax.config import LlavaConfig
-from llava_jax.infer import inputs, sampling
+from llava_jax.infer import cpu_weights, inputs, sampling
 from llava_jax.infer.streaming import AnswerStream
 from llava_jax.models.llama import KVCache, constrain_kv_cache, init_kv_cache
 from llava_jax.models.llava import LlavaModel, param_shardings
@@ -316,6 +316,7 @@ def generate(config: LlavaConfig, params, input_ids=None, pixel_values=None, *, 
   chunk = steps_per_chunk or (DEFAULT_STREAM_CHUNK if (stream_callback or stop_strings) else nb)
   answers = [AnswerStream(tokenizer, stop_token_ids, stop_strings, strip=False) for _ in range(b)]
   events = [_RowEvents(r, a) for r, a in enumerate(answers)]
+  params = cpu_weights.bit_views(params)  # XLA:CPU: bf16 layer stacks sliced as integers (no float32 copy)
   with parallel.mesh_context(mesh):
     state = _prefill(params, ids_d, mask_d, put_rep(images), put_rep(image_valid), active_d, seeds_d, salts_d,
                      temp_d, top_p_d, top_k_d, put_rep(stop_arr), put_rep(np.int32(pad_id)), config=config,

@@ -30,14 +30,28 @@ def wrap_block(block_cls, runtime: RuntimeOptions, static_argnums=()):
                   static_argnums=static_argnums)
 
 
+SCANNED_STACK = "layers"  # the param-tree name of every scanned stack ([L, ...] leaves)
+
+
+def bf16_from_bits(variables):
+  """uint16 leaves (bfloat16 bit patterns, see `infer.cpu_weights`) → bfloat16; every other leaf unchanged."""
+  return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x,
+                      variables)
+
+
 def scan_blocks(block_cls, length: int, in_axes=()):
   """`nn.scan` over `length` copies of `block_cls`; params gain a leading 'layers' axis.
+
+  The stack's weights may arrive as uint16 bit patterns of bfloat16 (`infer/cpu_weights.py`, for XLA:CPU, which
+  would otherwise convert the whole bf16 stack to float32 before slicing it): each layer's slice is turned back
+  into bfloat16 inside the loop body, so only one layer is ever converted.
 
   The block's `__call__(carry, *broadcast_args)` must return `(carry, y)`; `y` is stacked [length, ...].
   A 'dropout' rng (LoRA's, models/lora.py) is split per layer, so layers draw different masks.
   `in_axes` gives `nn.broadcast` (or 0) for each extra positional argument.
   """
-  return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+  body = nn.map_variables(block_cls, "params", trans_in_fn=bf16_from_bits, init=True)
+  return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
