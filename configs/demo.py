@@ -15,7 +15,7 @@ and ..."), standing in for the language pretraining the demo cannot download; st
 Stage 2 samples carry up to 6 questions (more supervised answer tokens per row for the same step cost).
 
 `--config=configs/demo.py:lora`: stage 2 is LoRA fine-tuning instead (issue 13: its accuracy against the full
-fine-tune's): adapters rank 32 / alpha 64 on every decoder linear at half the full fine-tune's rate, the
+fine-tune's): adapters rank 16 / alpha 32 on every decoder linear at half the full fine-tune's rate, the
 projector trained fully at the full fine-tune's rate, and the lm_head and token embeddings trained fully too
 (PEFT's `modules_to_save`; README.md has the settings tried and their scores). LLaVA's finetune_lora trains
 neither: its Vicuna already writes every token it is asked for. The demo's decoder has only ever written
@@ -54,7 +54,7 @@ def get_config(arg: str = ""):
       train=dict(trainable=r.STAGE2_TRAINABLE, learning_rate=2e-3, num_steps=600)))
   c.eval = r.synthetic_eval_section(synthetic_samples=400, seed=987654, batch_size=32)
   if arg == "lora":
-    lora = r.lora_section(rank=32, alpha=64.0, modules_to_save=("lm_head", "embed_tokens"))
+    lora = r.lora_section(rank=16, alpha=32.0, modules_to_save=("lm_head", "embed_tokens"))
     runtime = dict(c.model.runtime.to_dict(), lora=lora)               # stages replace a whole model field
     c.stage2.model = ml_collections.ConfigDict(dict(runtime=runtime))
     c.stage2.train.update(trainable=r.lora_trainable(lora["modules_to_save"]), learning_rate=1e-3,
