@@ -14,11 +14,13 @@ gradient checkpointing, max length 2048.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
 from llava_jax import limits, openai_client
-from llava_jax.config import LORA_MODULES_TO_SAVE, QUANTIZE_MODES, LlavaConfig, LoraConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax.config import (LORA_MODULES_TO_SAVE, QUANTIZE_MODES, LlavaConfig, LoraConfig, RuntimeOptions, TextConfig,
+                              VisionConfig)
 
 STAGE1_TRAINABLE = r"multi_modal_projector/.*"
 STAGE2_TRAINABLE = r"multi_modal_projector/.*|language_model/.*"
@@ -163,6 +165,14 @@ def train_section(**kw) -> ml_collections.ConfigDict:
   )
   d.update(kw)
   return ml_collections.ConfigDict(d)
+
+
+def total_steps(train, num_samples) -> int:
+  """Optimizer steps of a run with the `train` section: train.num_steps when > 0, else
+  ceil(num_epochs × num_samples / global_batch_size) (at least 1). The training loop and the plan both count so."""
+  if int(train.num_steps) > 0:
+    return int(train.num_steps)
+  return max(1, math.ceil(float(train.num_epochs) * int(num_samples) / int(train.global_batch_size)))
 
 
 def synthetic_eval_section(**overrides) -> ml_collections.ConfigDict:

@@ -45,6 +45,17 @@ PEFT_SAVED_KEYS = {"lm_head": "base_model.model.lm_head.weight",
                    "embed_tokens": "base_model.model.model.language_model.embed_tokens.weight"}
 
 
+def _saved_module_path(module: str) -> Tuple[str, ...]:
+  """Our param path of a modules_to_save module ('lm_head' → ('language_model', 'lm_head', 'kernel'))."""
+  return ("language_model",) + tuple(LORA_MODULES_TO_SAVE[module].split("/"))
+
+
+def _torch_layout(module: str, value: np.ndarray) -> np.ndarray:
+  """A modules_to_save array between our layout and torch's (its own inverse): our lm_head kernel is [D, V],
+  torch's weight [V, D]; embeddings are [V, D] in both."""
+  return value.T if module == "lm_head" else value
+
+
 def _adapter_modules(params) -> Dict[Tuple[str, str], bool]:
   """{(block, name): scanned} for every adapted decoder Dense, e.g. ('self_attn', 'q_proj')."""
   out = {}
@@ -70,8 +81,8 @@ def peft_adapter_tensors(config: LlavaConfig, params) -> Dict[str, np.ndarray]:
         value = value[i] if scanned else value
         out[f"{PEFT_PREFIX}{i}.{block}.{name}.lora_{ab}.weight"] = np.ascontiguousarray(value.T)
   for module in config.runtime.lora.modules_to_save if config.runtime.lora is not None else ():
-    value = np.asarray(get_in(params, ("language_model",) + tuple(LORA_MODULES_TO_SAVE[module].split("/"))))
-    out[PEFT_SAVED_KEYS[module]] = np.ascontiguousarray(value.T if module == "lm_head" else value)
+    value = np.asarray(get_in(params, _saved_module_path(module)))
+    out[PEFT_SAVED_KEYS[module]] = np.ascontiguousarray(_torch_layout(module, value))
   return out
 
 
@@ -156,7 +167,7 @@ def read_peft_adapter(adapter_dir: str) -> Tuple[dict, Dict[Tuple[int, str, str,
                        f"(expected e.g. {PEFT_PREFIX}0.self_attn.q_proj.lora_A.weight)")
     tensors[(int(m["layer"]), m["block"], m["name"], m["ab"])] = value
   declared = set(d.get("modules_to_save") or ())
-  if set(saved) != declared & set(LORA_MODULES_TO_SAVE) and declared <= set(LORA_MODULES_TO_SAVE):
+  if declared <= set(LORA_MODULES_TO_SAVE) and set(saved) != declared:  # unknown ones: lora_config_from_peft
     raise ConfigError(f"adapter_config.json lists modules_to_save={sorted(declared)} but the weights hold "
                       f"{sorted(saved)}")
   return d, tensors, saved
@@ -198,13 +209,12 @@ def import_peft_adapter(adapter_dir: str, config: LlavaConfig, params) -> Tuple[
         set_in(out, path + (LORA_A,), a_rows[i])
         set_in(out, path + (LORA_B,), b_rows[i])
   for module, value in saved.items():
-    path = ("language_model",) + tuple(LORA_MODULES_TO_SAVE[module].split("/"))
+    path = _saved_module_path(module)
     current = get_in(out, path)
-    value = value.T if module == "lm_head" else value
-    if value.shape != current.shape:
-      raise ConfigError(f"modules_to_save {module}: {value.shape[::-1] if module == 'lm_head' else value.shape} "
-                       f"does not fit the model's {current.shape[::-1] if module == 'lm_head' else current.shape}")
-    set_in(out, path, np.asarray(value, current.dtype))
+    want = _torch_layout(module, current).shape
+    if value.shape != want:
+      raise ConfigError(f"modules_to_save {module}: {value.shape} does not fit the model's {want}")
+    set_in(out, path, np.asarray(_torch_layout(module, value), current.dtype))
   extra = sorted({i for (i, *_) in tensors if i >= num_layers})
   if extra:
     raise ConfigError(f"adapter has layers {extra} but the model has {num_layers}")

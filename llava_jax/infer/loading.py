@@ -29,7 +29,7 @@ from llava_jax.data import from_config as data_config
 from llava_jax.data.image import load_image, preprocess
 from llava_jax.data.tokenize import encode_generation_prompt, stop_token_ids
 from llava_jax.data.tokenizer import load_tokenizer
-from llava_jax.checkpoints.load import is_orbax_dir, load_params
+from llava_jax.checkpoints.load import is_orbax_dir, is_pretrained_dir, load_params
 from llava_jax.checkpoints.orbax_params import PARAMS_DIR
 from llava_jax.errors import ConfigError, MissingFileError
 
@@ -96,7 +96,7 @@ def resolve_checkpoint(config, workdir: Optional[str], checkpoint: Optional[str]
     path = os.path.abspath(os.path.expanduser(checkpoint))
     if not os.path.exists(path):
       raise MissingFileError(f"--checkpoint={checkpoint}: no such file or directory")
-    if os.path.exists(os.path.join(path, "config.json")):
+    if is_pretrained_dir(path):
       return "pretrained", path, workdir
     if is_orbax_dir(path):
       run = workdir

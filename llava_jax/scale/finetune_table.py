@@ -24,11 +24,8 @@ from typing import List, Optional
 from absl import app, flags
 
 from llava_jax import config_files
-from llava_jax.scale.results import append_row, read_rows
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-GIB = 1024 ** 3
+from llava_jax.scale.hardware import GIB
+from llava_jax.scale.results import DOCS, append_row, read_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +50,7 @@ TOPOLOGIES = ("1xA100-80G", "1xA100-40G", "v5e-8")
 def define_flags() -> None:
   """The command's flags (defined when run as a program, so importing this module defines none: `scale.table`
   has flags of the same names)."""
-  flags.DEFINE_string("out", os.path.join(REPO, "docs", "scaling_lora.jsonl"), "JSON lines: one per result.")
+  flags.DEFINE_string("out", os.path.join(DOCS, "scaling_lora.jsonl"), "JSON lines: one per result.")
   flags.DEFINE_list("methods", [m.key for m in METHODS], "Methods (keys of METHODS).")
   flags.DEFINE_list("topologies", list(TOPOLOGIES), "Topologies.")
   flags.DEFINE_integer("micro_rows", 1, "Rows per device per micro-batch of the probe.")

@@ -280,7 +280,7 @@ def plan(config, topology: Union[str, Topology], *, recipe: str = "", mfu: float
   if not n_samples and config.data.source == "synthetic":
     dataset, n_samples = "synthetic", int(config.data.synthetic_samples) or None
   n_samples = samples or n_samples
-  steps = (recipe_time.total_steps(n_samples, gb, float(tcfg.num_epochs), int(tcfg.num_steps))
+  steps = (recipes.total_steps(tcfg, n_samples)
            if (n_samples or int(tcfg.num_steps) > 0) else None)
   result = Plan(recipe=recipe, topology=topo, backend=backend, backend_note=note, headroom=headroom, mfu=mfu,
                 epochs=float(tcfg.num_epochs),

@@ -1,8 +1,6 @@
-"""A recipe's wall clock at a given MFU: the reference recipes' published sizes and times, step counts, and step
-time from the FLOP model (`models/flops.py`)."""
+"""A recipe's wall clock at a given MFU: the reference recipes' published sizes and times, and step time from the
+FLOP model (`models/flops.py`); step counts are `recipes.total_steps`."""
 from __future__ import annotations
-
-import math
 
 from llava_jax.models.flops import StepFlops
 
@@ -20,13 +18,6 @@ PUBLISHED_HOURS = {  # (config name, size) → hours on 8×A100
     ("v15_stage1", "13b"): 5.5, ("v15_stage2", "13b"): 20.0,
     ("paper_stage1", "13b"): 4.0,
 }
-
-
-def total_steps(samples: int, global_batch: int, epochs: float, num_steps: int = -1) -> int:
-  """Optimizer steps of a run (train.num_steps when > 0, else ceil(epochs × samples / global batch))."""
-  if num_steps and num_steps > 0:
-    return int(num_steps)
-  return max(1, math.ceil(float(epochs) * int(samples) / int(global_batch)))
 
 
 def step_seconds(flops: StepFlops, peak_flops_total: float, mfu: float) -> float:

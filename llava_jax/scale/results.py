@@ -1,10 +1,13 @@
 """The JSON-lines results files of the plan tables (scale/table.py, scale/finetune_table.py): one compiled row per
-line, appended as it is measured, so an interrupted run resumes where it stopped."""
+line, appended as it is measured, so an interrupted run resumes where it stopped. They live in the repository's
+docs/ (`DOCS`), beside the tables they render into."""
 from __future__ import annotations
 
 import json
 import os
 from typing import List
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs")
 
 
 def read_rows(path: str) -> List[dict]:

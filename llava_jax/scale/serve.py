@@ -16,7 +16,7 @@ import dataclasses
 import time
 from typing import Any, List, Optional, Sequence
 
-GIB = 1024 ** 3
+from llava_jax.scale.hardware import GIB
 
 
 def _size(x: float) -> str:

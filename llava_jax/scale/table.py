@@ -17,10 +17,8 @@ from typing import List, Optional
 from absl import app, flags
 
 from llava_jax import config_files
-from llava_jax.scale.results import append_row, read_rows
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GIB = 1024 ** 3
+from llava_jax.scale.hardware import GIB
+from llava_jax.scale.results import DOCS, append_row, read_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +43,7 @@ SLICES = ("v5e-32", "v5p-16", "v4-16", "v6e-16")
 SERVE_MODELS = (("configs/v15_stage2.py:7b", "v1.5 7B"), ("configs/v15_stage2.py:13b", "v1.5 13B"),
                 ("configs/llama32_1b.py:stage2", "LLaMA-3.2-1B"))
 
-_OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "scaling_tpu.jsonl"), "JSON lines: one per result.")
+_OUT = flags.DEFINE_string("out", os.path.join(DOCS, "scaling_tpu.jsonl"), "JSON lines: one per result.")
 _SLICES = flags.DEFINE_list("slices", list(SLICES), "TPU slices (Cloud TPU types).")
 _ONLY = flags.DEFINE_list("only", [], "Only these recipes (config[:arg]); default: all.")
 _SERVE = flags.DEFINE_bool("serve", True, "Also the serving plans.")

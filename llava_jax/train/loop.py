@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from typing import Optional
 
@@ -80,13 +79,6 @@ def train_and_evaluate(config, workdir: str) -> StageResult:
   return result
 
 
-def total_steps(config, num_samples: int) -> int:
-  t = config.train
-  if int(t.num_steps) > 0:
-    return int(t.num_steps)
-  return max(1, math.ceil(float(t.num_epochs) * num_samples / int(t.global_batch_size)))
-
-
 def initial_params(config, model_config: LlavaConfig, mesh):
   """Starting weights (`checkpoints.load.load_params`): a previous stage's params, an imported checkpoint, or
   None (random init).
@@ -129,7 +121,7 @@ def train(config, workdir: str, *, tokenizer_workdir: Optional[str] = None) -> S
     model_config, params = initial_params(config, model_config, mesh)
   tokenizer = _build_tokenizer(config, model_config, tokenizer_workdir or workdir)
   source = data_config.build_source(config.data, model_config)
-  steps = total_steps(config, len(source))
+  steps = recipes.total_steps(tcfg, len(source))
   optimizer = optimizer_from_config(tcfg, steps)
   pipeline = make_pipeline(source, seed=int(tcfg.seed), global_batch_size=int(tcfg.global_batch_size),
                            **data_config.pipeline_kwargs(config, model_config, tokenizer))

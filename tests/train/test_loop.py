@@ -222,7 +222,7 @@ def test_restore_onto_a_different_mesh(run_a, tokenizer_root, new_mesh):
   old_mesh = parallel.make_mesh((8, 1, 1))
   new = parallel.make_mesh(new_mesh)
   source_len = len(data_config.build_source(config.data, model_config))
-  optimizer = optimizer_from_config(config.train, loop.total_steps(config, source_len))
+  optimizer = optimizer_from_config(config.train, recipes.total_steps(config.train, source_len))
   states = {}
   for name, mesh in (("old", old_mesh), ("new", new)):
     abstract = abstract_train_state(model_config, optimizer, mesh, trainable_patterns=config.train.trainable)
