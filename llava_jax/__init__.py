@@ -6,7 +6,11 @@ Public API:
   load_pretrained(path, *, vision_tower=None, dtype=...) → (config, params) from llava-hf / original LLaVA / CLIP+LLaMA dirs
   export_hf(config, params, out_dir, tokenizer=None) — write a llava-hf directory transformers loads
 """
-from llava_jax.config import LlavaConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax import allocator as _allocator
+
+_allocator.restart_with_tcmalloc()  # `python -m llava_jax.main` only, before jax is imported (see allocator.py)
+
+from llava_jax.config import LlavaConfig  # noqa: E402, RuntimeOptions, TextConfig, VisionConfig
 
 __all__ = ["LlavaConfig", "RuntimeOptions", "TextConfig", "VisionConfig", "LlavaModel", "load_pretrained",
            "export_hf", "init_params"]

@@ -22,7 +22,7 @@ from typing import Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llava_jax import cli_errors
+from llava_jax import allocator, cli_errors
 from llava_jax.errors import MissingFileError, require_path
 from llava_jax.limits import MAX_IMAGE_PIXELS
 from llava_jax.scale.cli import plan_flag_defaults
@@ -108,6 +108,13 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def warn_system_malloc_on_cpu() -> None:
+  """One warning when XLA:CPU runs under the system malloc (allocator.py: tcmalloc was not found)."""
+  import jax
+  if jax.default_backend() == "cpu" and not allocator.is_loaded() and os.environ.get(allocator.ENV) != "0":
+    logging.warning(allocator.describe())
+
+
 def apply_judge_flags(config) -> None:
   """--judge_base_url / --judge_model → config.eval.judge (an eval kind that uses a judge)."""
   if _JUDGE_BASE_URL.value is None and _JUDGE_MODEL.value is None:
@@ -139,6 +146,7 @@ def _path(flag) -> Optional[str]:
 
 
 def main(argv):
+  logging.info(allocator.describe())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli_errors.loaded_config("config")
@@ -148,6 +156,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; --verbosity=0 shows it
   skip_absent_tpu()
   maybe_initialize_distributed()
+  warn_system_malloc_on_cpu()
   workdir = _path(_WORKDIR) or default_workdir(flags.FLAGS["config"].config_filename)
   mode = _MODE.value
   apply_quantize_flag(config, mode)
