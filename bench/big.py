@@ -9,8 +9,8 @@ average is recorded around every row instead. Per row:
   import   peak RSS while loading (sampled every 2 ms, minus the RSS before loading: the libraries and the
            backend are not the import's), beside the checkpoint's bf16 bytes; ours is `load_pretrained(dtype=
            'bfloat16')` (+ weight-only quantization for the int8 / 4-bit rows), theirs `from_pretrained(dtype=
-           torch.bfloat16)` (+ `torch.ao.quantization.quantize_dynamic` on every nn.Linear for `torch_int8`,
-           float32 activations: its quantized Linear takes float32 only).
+           torch.bfloat16)` (+ torch's dynamic int8 Linear, `quantize_dynamic`'s module, for every nn.Linear in
+           `torch_int8`, float32 activations: its quantized Linear takes float32 only).
   warm-up  ours: one `generate` of 2 tokens on the measured prompt (compiles the prefill and the decode step,
            which `max_new_tokens` ≤ 16 share); theirs: 2 tokens on a short text-only prompt (kernel set-up).
   timed    one greedy generate of N new tokens (no stop ids) on 1 image (336 px) + 32 text tokens, with a time
@@ -30,6 +30,7 @@ from bench import big_ckpt, common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("ours_bf16", "hf_bf16", "torch_int8", "ours_int8", "ours_int4", "ours_nf4")
+KERNELS = "kernels"  # not a model row: the matmul ceilings of bench/big_kernels.py, one process per side
 OURS_QUANT = {"ours_bf16": None, "ours_int8": "int8", "ours_int4": "int4", "ours_nf4": "nf4"}
 # (row, reference row): the reference each of our rows is compared with. transformers has no CPU 4-bit path
 # (bitsandbytes' 4-bit needs CUDA), so the 4-bit rows are compared with transformers bf16.
@@ -135,15 +136,26 @@ def load_ours(ckpt_dir: str, quant):
 
 
 def quantize_torch_int8(model) -> None:
-  """torch's dynamic int8 quantization of every nn.Linear (int8 weights, per-tensor scales, float32 activations),
-  one decoder layer at a time so only one layer exists in float32 besides the bf16 model."""
+  """torch's dynamic int8 quantization of every nn.Linear (int8 weights, per-tensor scales, float32 activations):
+  one Linear at a time is copied to float32, quantized and swapped in, so besides the bf16 model only one
+  Linear's float32 weight exists (converting a whole decoder layer at a time, as `quantize_dynamic` on the
+  layer needs, was killed by the OOM killer at 7B: its anonymous memory passed 17 GB)."""
   import torch
-  from torch.ao.quantization import quantize_dynamic
-  for layer in model.model.language_model.layers:
-    layer.float()
-    quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-  model.float()  # embeddings, norms, the vision tower's non-Linear parts: float32 (quantized Linear wants it)
-  quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+  from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+  from torch.ao.quantization import default_dynamic_qconfig
+  for parent in list(model.modules()):
+    for name, child in list(parent.named_children()):
+      if type(child) is not torch.nn.Linear:
+        continue
+      f32 = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+      with torch.no_grad():
+        f32.weight = torch.nn.Parameter(child.weight.detach().float(), requires_grad=False)
+        if child.bias is not None:
+          f32.bias = torch.nn.Parameter(child.bias.detach().float(), requires_grad=False)
+      f32.qconfig = default_dynamic_qconfig
+      setattr(parent, name, DynamicLinear.from_float(f32))
+      del f32, child
+  model.float()  # embeddings, norms, the vision tower's convolution: float32 (the quantized Linear wants it)
 
 
 def measure_hf(a: dict) -> dict:
@@ -229,16 +241,25 @@ def run_group(a, run_child: Callable, workdir: str, env, cpus, previous: Optiona
   `on_row(doc)` gets the report so far after every row (so an interrupted run keeps what it measured)."""
   s = big_ckpt.SHAPES[a.big_shapes]
   rows = [r.strip() for r in a.big_rows.split(",") if r.strip()]
-  bad = set(rows) - set(ROWS)
+  bad = set(rows) - set(ROWS) - {KERNELS}
   if bad:
-    raise SystemExit(f"--big-rows: unknown rows {sorted(bad)}; choose from {', '.join(ROWS)}")
+    raise SystemExit(f"--big-rows: unknown rows {sorted(bad)}; choose from {', '.join(ROWS + (KERNELS,))}")
   base = dict(shapes=s.name, ckpt_dir=a.big_dir, threads=a.threads, new_tokens=a.big_new_tokens,
               prompt_text=a.big_prompt_text)
   from bench import big_report  # imported now: the report code is the one this run started with
   gen = run_child("big_gen", base, workdir, env, cpus, a.timeout)
   ckpt_bytes = gen["result"]["total_bytes"]
   results, skipped, loads = dict(previous or {}), {}, [gen["loadavg_before"], gen["loadavg_after"]]
-  for row in rows:
+  if KERNELS in rows:  # both sides under the run's allocator, and ours under the system malloc as well
+    runs = {side: run_child(f"big_kernels_{side}", base, workdir, env, cpus, a.timeout) for side in ("jax", "torch")}
+    if common.allocator_of(env) != "system malloc":
+      runs["jax_system_malloc"] = run_child("big_kernels_jax", base, workdir, common.thread_env(a.threads, "system"),
+                                            cpus, a.timeout)
+    results[KERNELS] = dict(git=common.git_state(REPO), allocator=common.allocator_of(env),
+                            **{name: o["result"] for name, o in runs.items()},
+                            loadavg=[x for o in runs.values() for x in (o["loadavg_before"], o["loadavg_after"])])
+    loads += results[KERNELS]["loadavg"]
+  for row in (r for r in rows if r != KERNELS):
     results.pop(row, None)
     need = int(NEED[row] * ckpt_bytes) + 2 ** 29  # what the row holds at its peak + runtime
     deadline = time.time() + a.big_wait

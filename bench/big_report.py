@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from bench import big, big_ckpt
+from bench import big, big_ckpt, big_kernels
 
 LABELS = {"ours_bf16": "llava_jax bf16", "ours_int8": "llava_jax int8", "ours_int4": "llava_jax int4",
           "ours_nf4": "llava_jax nf4", "hf_bf16": "transformers bf16",
@@ -73,7 +73,57 @@ def build(s: big_ckpt.BigShapes, ckpt: dict, results: Dict[str, dict], skipped: 
     sanity["greedy_tokens_equal_bf16"] = sum(int(x == y) for x, y in zip(a, b)) / max(len(a), 1)
   loads = list(loads) + [x for r in results.values() for x in (r.get("loadavg_before"), r.get("loadavg_after")) if x]
   return dict(shapes=s.name, checkpoint=ckpt, rows=rows, sanity=sanity, skipped=skipped, loadavg_samples=loads,
-              rows_missing=[r for r in big.ROWS if r not in results])
+              rows_missing=[r for r in big.ROWS if r not in results], kernels=kernel_rows(results.get(big.KERNELS)))
+
+
+# (label, our kernel, reference side, reference kernel): bench/big_kernels.py's names
+KERNEL_PAIRS = (("decode GEMV, bf16 weights", "gemv_bf16", "torch", "gemv_bf16"),
+                ("decode GEMV, int8 weights (torch: dynamic int8)", "gemv_int8", "torch", "gemv_int8"),
+                ("decode GEMV, int4 weights vs torch bf16", "gemv_int4", "torch", "gemv_bf16"),
+                ("decode GEMV, float32 weights vs torch bf16", "gemv_f32", "torch", "gemv_bf16"),
+                ("decode GEMV, llava_jax int8 vs llava_jax bf16", "gemv_int8", "jax", "gemv_bf16"),
+                ("prefill GEMM, bf16", "gemm_bf16", "torch", "gemm_bf16"))
+
+
+def kernel_rows(k: Optional[dict]) -> List[dict]:
+  """The matmul ceilings as rows: times, the rate that bounds each (weight GB/s for a GEMV, GFLOP/s for the
+  GEMM), reference time / our time (> 1: our kernel is faster), and our time under the system malloc when the
+  run preloaded tcmalloc (`system_ms`)."""
+  if not k:
+    return []
+  rows = []
+  for label, ours, side, ref in KERNEL_PAIRS:
+    a, b = k["jax"].get(ours), k[side].get(ref)
+    if a is None or b is None:
+      continue
+    rate = "gflop_s" if ours.startswith("gemm") else "weight_gb_s"
+    system = (k.get("jax_system_malloc") or {}).get(ours)
+    rows.append(dict(label=label, m=a["m"], d=a["d"], f=a["f"], ours_ms=a["median_s"] * 1e3,
+                     ref_ms=b["median_s"] * 1e3, system_ms=None if system is None else system["median_s"] * 1e3,
+                     rate_unit="GFLOP/s" if rate == "gflop_s" else "GB/s of weights", ours_rate=a[rate],
+                     ref_rate=b[rate], ratio=b["median_s"] / a["median_s"],
+                     reference=("llava_jax " if side == "jax" else "PyTorch ") + ref.split("_", 1)[1]))
+  return rows
+
+
+def kernel_markdown(rows: List[dict], k: dict) -> List[str]:
+  if not rows:
+    return []
+  g = k.get("git") or {}
+  shape = f"W {rows[0]['d']} × {rows[0]['f']}"
+  out = ["", f"#### Matmul ceilings: the decoder's gate / up_proj alone (x · W, {shape})", "",
+         f"`bench/big_kernels.py`, commit `{str(g.get('commit', '?'))[:12]}`, {k.get('allocator', 'system malloc')}: "
+         f"llava_jax's own Dense / QuantDense jitted, PyTorch's F.linear / dynamic int8 Linear, median of "
+         f"{big_kernels.REPS} calls. The decoder's matmuls are most of a 7B model's time per token, so these "
+         "ratios bound the model rows' above. The last column is our kernel again under the system malloc "
+         "(llava_jax/allocator.py).", "",
+         "| kernel | rows of x | llava_jax ms | reference | reference ms | llava_jax rate | reference rate | "
+         "reference time / ours | llava_jax ms, system malloc |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    out.append(f"| {r['label']} | {r['m']} | {_fmt(r['ours_ms'])} | {r['reference']} | {_fmt(r['ref_ms'])} | "
+               f"{_fmt(r['ours_rate'])} {r['rate_unit']} | {_fmt(r['ref_rate'])} {r['rate_unit']} | "
+               f"{r['ratio']:.2f}× | {_fmt(r.get('system_ms'))} |")
+  return out
 
 
 def _fmt(x) -> str:
@@ -91,7 +141,8 @@ def markdown(rep: dict, meta: dict, results: Dict[str, dict]) -> str:
   one_minute = [x[0] for x in rep["loadavg_samples"]]
   git = meta.get("git", {})
   lines = [f"### llava_jax vs transformers on llava-v1.5-7b shapes (random weights) — {meta['date']}", "",
-           f"{meta['machine'].get('cpu', '?')}, {meta['threads']} threads, CPU affinity {meta['affinity']}; "
+           f"{meta['machine'].get('cpu', '?')}, {meta['threads']} threads, CPU affinity {meta['affinity']}, "
+           f"{meta.get('allocator', 'system malloc')} in every row; "
            f"report written at commit `{git.get('commit', '?')[:12]}`{' (dirty tree)' if git.get('dirty') else ''} "
            f"(each row's own commit below). Checkpoint: "
            f"{ck['tensors']} bf16 tensors, {ck['total_bytes'] / 2 ** 30:.2f} GiB in {ck['shards']} shards "
@@ -110,6 +161,8 @@ def markdown(rep: dict, meta: dict, results: Dict[str, dict]) -> str:
                  f"{target} | {result} |")
   notes = [f"- {r['label']}: {r['note']}" for r in rep["rows"] if r["note"]]
   for name, r in results.items():
+    if name not in LABELS:  # the kernels entry: its own table
+      continue
     g = r.get("git") or {}
     bits = [f"commit `{str(g.get('commit', '?'))[:12]}`{' (dirty)' if g.get('dirty') else ''}",
             f"load {r['load_s']:.0f} s"]
@@ -131,4 +184,5 @@ def markdown(rep: dict, meta: dict, results: Dict[str, dict]) -> str:
   missing = [LABELS[n] for n in rep["rows_missing"] if n not in rep["skipped"]]
   if missing:
     notes.append(f"- rows not in this report: {', '.join(missing)}")
-  return "\n".join(lines + [""] + notes) + "\n"
+  kernels = kernel_markdown(rep.get("kernels") or [], results.get(big.KERNELS) or {})
+  return "\n".join(lines + [""] + notes + kernels) + "\n"

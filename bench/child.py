@@ -25,6 +25,9 @@ def _task(name: str, a: dict):
     from bench import big, big_ckpt
     if name == "big_gen":
       return big_ckpt.ensure_checkpoint(big_ckpt.SHAPES[a["shapes"]], a["ckpt_dir"])
+    if name.startswith("big_kernels_"):
+      from bench import big_kernels
+      return big_kernels.measure_jax(a) if name == "big_kernels_jax" else big_kernels.measure_torch(a)
     return big.measure_ours(a) if name == "big_ours" else big.measure_hf(a)
   p = common.PRESETS[a["preset"]]
   threads = int(a["threads"])

@@ -279,9 +279,15 @@ def blas_info() -> List[dict]:
   return [{k: v for k, v in d.items() if k in keep} for d in threadpoolctl.threadpool_info()]
 
 
-def thread_env(threads: int) -> Dict[str, str]:
-  """Environment for a benchmark child: N threads everywhere, no OpenBLAS core override, one CPU device."""
+def thread_env(threads: int, malloc: str = "system") -> Dict[str, str]:
+  """Environment for a benchmark child: N threads everywhere, no OpenBLAS core override, one CPU device, and
+  `malloc` 'tcmalloc' (preloaded when installed, llava_jax/allocator.py) or 'system'."""
+  from llava_jax import allocator
   env = dict(os.environ)
+  env["LD_PRELOAD"] = ":".join(x for x in env.get("LD_PRELOAD", "").split(":") if x and "tcmalloc" not in x)
+  env[allocator.ENV] = "0"
+  if malloc == "tcmalloc":
+    env = allocator.preload_env(env)
   for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
     env.pop(k, None)
   for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -295,9 +301,16 @@ def thread_env(threads: int) -> Dict[str, str]:
   return env
 
 
+def allocator_of(env: Dict[str, str]) -> str:
+  """'tcmalloc (<library>)' when `env` preloads one, else 'system malloc'."""
+  lib = [x for x in env.get("LD_PRELOAD", "").split(":") if "tcmalloc" in x]
+  return f"tcmalloc ({lib[0]})" if lib else "system malloc"
+
+
 def child_facts() -> dict:
   """Thread and library facts as seen from inside a child."""
-  return dict(pid=os.getpid(), affinity=sorted(os.sched_getaffinity(0)),
+  from llava_jax import allocator
+  return dict(pid=os.getpid(), affinity=sorted(os.sched_getaffinity(0)), tcmalloc=allocator.is_loaded(),
               env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "XLA_FLAGS")},
               blas=blas_info())

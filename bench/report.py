@@ -158,7 +158,8 @@ def markdown(report: dict, meta: dict) -> str:
   lines = [f"### llava_jax vs transformers (PyTorch) — {meta['date']}", ""]
   lines.append(f"{meta['machine'].get('cpu', '?')}, {meta['threads']} threads on both sides (torch.set_num_threads, "
                f"OMP/MKL/OpenBLAS = {meta['threads']}, CPU affinity {meta['affinity']}; XLA's pool follows the "
-               f"affinity), float32, preset `{meta['preset']}`, load average {meta['load_summary']}. "
+               f"affinity), {meta.get('allocator', 'system malloc')} on both sides, float32, preset `{meta['preset']}`, "
+               f"load average {meta['load_summary']}. "
                f"Each number is the median of several repetitions after warm-up.")
   git = meta.get("git") or {}
   lines += ["", f"Commit `{git.get('commit', 'unknown')}`" + (" (uncommitted changes in the tree)" if git.get("dirty")

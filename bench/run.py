@@ -37,6 +37,9 @@ README7B_END = "<!-- bench7b:end -->"
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", choices=sorted(common.PRESETS), default="full")
+  ap.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc",
+                  help="malloc of every child, both sides (llava_jax/allocator.py): tcmalloc when installed, as "
+                       "`python -m llava_jax.main` runs, or the system's")
   ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                   help="threads for both frameworks (default: all CPUs this process may use)")
   ap.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
@@ -53,7 +56,7 @@ def parse_args(argv=None):
   ap.add_argument("--big-shapes", default="7b", choices=["7b", "tiny"], help="7b group: shapes (tiny = smoke test)")
   ap.add_argument("--big-rows", default="ours_bf16,hf_bf16,torch_int8,ours_int8,ours_int4",
                   help="7b group: rows to run, in order (ours_bf16, hf_bf16, torch_int8, ours_int8, ours_int4, "
-                       "ours_nf4)")
+                       "ours_nf4; kernels = the matmul ceilings of bench/big_kernels.py, run first)")
   ap.add_argument("--big-new-tokens", type=int, default=16, help="7b group: greedy tokens decoded per row")
   ap.add_argument("--big-prompt-text", type=int, default=32, help="7b group: text tokens besides the image")
   ap.add_argument("--big-wait", type=float, default=600.0,
@@ -189,7 +192,7 @@ def run(argv=None) -> dict:
   cpus = sorted(os.sched_getaffinity(0))[:a.threads]
   if len(cpus) < a.threads:
     raise SystemExit(f"--threads {a.threads}: only {len(cpus)} CPUs are available to this process")
-  env = common.thread_env(a.threads)
+  env = common.thread_env(a.threads, a.allocator)
   if "7b" in groups:
     doc7 = run_big(a, date, cpus, env)
     groups = [g for g in groups if g != "7b"]
@@ -243,6 +246,7 @@ def run(argv=None) -> dict:
   rep = report.build(results, p)
   one_minute = [x[0] for x in loads]
   meta = dict(date=date, preset=p.name, threads=a.threads, affinity=cpus, machine=common.machine_facts(),
+              allocator=common.allocator_of(env),
               git=common.git_state(REPO),
               load_summary=f"{min(one_minute):.2f}–{max(one_minute):.2f} (1-min, sampled around each task)",
               loadavg_samples=loads, runtime=shared["runtime"], skipped=skipped,
@@ -278,6 +282,7 @@ def run_big(a, date: str, cpus: List[int], env: Dict[str, str]) -> dict:
     else:
       raise SystemExit(f"--big-append: {base}.json was measured with other shapes / new tokens")
   meta = dict(date=date, threads=a.threads, affinity=cpus, machine=common.machine_facts(), git=common.git_state(REPO),
+              allocator=common.allocator_of(env),
               new_tokens=a.big_new_tokens, prompt_text=a.big_prompt_text, shapes=a.big_shapes,
               image_size=big_ckpt.SHAPES[a.big_shapes].image_size,
               image_tokens=big_ckpt.SHAPES[a.big_shapes].num_patches)

@@ -79,18 +79,30 @@ def test_7b_group_code_path_on_tiny_shapes(tmp_path):
   (reused) and a truncated shard is caught (regenerated). Nothing timed is asserted."""
   import torch
   import transformers
-  from bench import big_ckpt
+  from bench import big_ckpt, big_report
+  from llava_jax import allocator
   from llava_jax.checkpoints.reader import read_safetensors_header
   ckpt, out = tmp_path / "ckpt", tmp_path / "results"
   cmd = [sys.executable, "-m", "bench.run", "--only", "7b", "--big-shapes", "tiny", "--big-dir", str(ckpt),
-         "--out-dir", str(out), "--big-rows", "ours_bf16,hf_bf16,torch_int8", "--big-new-tokens", "4",
+         "--out-dir", str(out), "--big-rows", "ours_bf16,hf_bf16,torch_int8,kernels", "--big-new-tokens", "4",
          "--threads", "1", "--date", "smoke"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   doc = json.loads((out / "smoke-7b.json").read_text())
   assert doc["report"]["checkpoint"]["reused"] is False and doc["report"]["checkpoint"]["shards"] > 1
-  assert set(doc["raw"]) == {"ours_bf16", "hf_bf16", "torch_int8"} and not doc["report"]["skipped"]
+  assert set(doc["raw"]) == {"ours_bf16", "hf_bf16", "torch_int8", "kernels"} and not doc["report"]["skipped"]
   assert len(doc["meta"]["git"]["commit"]) == 40 and all(len(r["git"]["commit"]) == 40 for r in doc["raw"].values())
+  kernels = doc["raw"].pop("kernels")  # the matmul ceilings: every pair timed on both sides
+  assert {r["label"] for r in doc["report"]["kernels"]} == {p[0] for p in big_report.KERNEL_PAIRS}
+  assert all(r["ours_ms"] > 0 and r["ref_ms"] > 0 and r["ratio"] > 0 for r in doc["report"]["kernels"])
+  assert kernels["jax"]["gemm_bf16"]["m"] == 1 + 32 + big_ckpt.TINY.num_patches
+  # every child ran under the allocator the report names (tcmalloc when installed, both sides), and our kernels
+  # were timed again under the system malloc
+  tcmalloc = allocator.find_tcmalloc() is not None
+  assert doc["meta"]["allocator"].startswith("tcmalloc" if tcmalloc else "system malloc")
+  assert all(r["facts"]["tcmalloc"] is tcmalloc for r in doc["raw"].values())
+  assert ("jax_system_malloc" in kernels) is tcmalloc
+  assert all((r["system_ms"] is not None) is tcmalloc for r in doc["report"]["kernels"])
   rows = {r["key"]: r for r in doc["report"]["rows"]}
   for key in ("ttft_ours_bf16", "decode_ours_bf16"):
     r = rows[key]
@@ -102,6 +114,7 @@ def test_7b_group_code_path_on_tiny_shapes(tmp_path):
   assert doc["raw"]["ours_bf16"]["recompiled"] is False
   md = (out / "smoke-7b.md").read_text()
   assert "| benchmark | unit | llava_jax | reference | ratio | target | result |" in md
+  assert "Matmul ceilings" in md
 
   # the key set and shapes are what transformers 5 itself saves for this architecture, and it loads cleanly
   model, info = transformers.LlavaForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.bfloat16,
