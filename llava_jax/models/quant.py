@@ -21,7 +21,9 @@ keeps lm_head in full precision). The reference's `--load-8bit` / `--load-4bit` 
 converts the projector's Linear layers; we do not: the projector is ~0.3 % of a 7B model.
 
 `QuantDense` computes y = x · deq(W) with deq(W) built per layer in the compute dtype inside the jitted function
-(the fusion of dequantization into the dot is left to XLA), plus the LoRA delta exactly as `lora.LoraDense`
+(the fusion of dequantization into the dot is left to XLA); a 4-bit kernel is dequantized as its even rows (high
+nibbles) and odd rows (low nibbles) and multiplied as x[..., 0::2] · even + x[..., 1::2] · odd with float32 sums
+(the same products, without building the interleaved weight), plus the LoRA delta exactly as `lora.LoraDense`
 when `runtime.lora` also targets the layer (QLoRA: the quantized base is frozen, it holds no float leaf).
 Logical axes of kernel_q / kernel_scale are the kernel's ([out] only for int8's scale), so FSDP / tensor
 sharding and `nn.scan`'s leading [L] axis apply as to the float kernel. Group sizes: `in` must be a multiple
@@ -179,6 +181,23 @@ def _unpack_nibbles(p: jax.Array) -> jax.Array:
   return both.reshape(p.shape[:-2] + (p.shape[-2] * 2, p.shape[-1]))
 
 
+def dequantize_halves(q: jax.Array, scale: jax.Array, mode: str, dtype=jnp.float32) -> Tuple[jax.Array, jax.Array]:
+  """A 4-bit (kernel_q [..., in / 2, out], kernel_scale [..., in / 64, out]) → the float rows it packs, without
+  interleaving them: (even rows [..., in / 2, out] from the high nibbles, odd rows from the low ones), so
+  x · W = x[..., 0::2] · even + x[..., 1::2] · odd (what `QuantDense` computes: XLA:CPU materializes an
+  interleaved [in, out] weight slowly)."""
+  p = q.astype(jnp.int32)
+  half = GROUP // 2  # packed rows per group
+  s = scale.astype(jnp.float32)[..., :, None, :]  # [..., G, 1, out]
+
+  def rows(n):
+    values = (n - 8).astype(jnp.float32) if mode == "int4" else jnp.asarray(NF4_CODE)[n]
+    grouped = values.reshape(n.shape[:-2] + (n.shape[-2] // half, half, n.shape[-1]))
+    return (grouped * s).reshape(n.shape).astype(dtype)
+
+  return rows(p >> 4), rows(p & 0xF)
+
+
 def dequantize_kernel(q: jax.Array, scale: jax.Array, mode: str, dtype=jnp.float32) -> jax.Array:
   """(kernel_q, kernel_scale) with any leading dims → the float kernel [..., in, out] in `dtype` (the products
   are float32, as bnb's dequantization; then cast)."""
@@ -233,8 +252,14 @@ class QuantDense(nn.Module):
     q = self.param(KERNEL_Q, nn.with_logical_partitioning(lambda *_: fresh[KERNEL_Q](), self.axes))
     scale = self.param(KERNEL_SCALE, nn.with_logical_partitioning(lambda *_: fresh[KERNEL_SCALE](), scale_axes))
     dtype = self.dtype or x.dtype
-    kernel = dequantize_kernel(q, scale, self.mode, dtype)
-    y = dot(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    if self.mode == "int8":
+      y = dot(x.astype(dtype), dequantize_kernel(q, scale, self.mode, dtype), dims)
+    else:  # the even and odd input rows as two dots, float32 sums (one rounding to `dtype`, as a single dot)
+      even, odd = dequantize_halves(q, scale, self.mode, dtype)
+      xd = x.astype(dtype)
+      y = (dot(xd[..., 0::2], even, dims, preferred_element_type=jnp.float32)
+           + dot(xd[..., 1::2], odd, dims, preferred_element_type=jnp.float32)).astype(dtype)
     if self.lora is None or not lora_lib.is_target(self.lora, self.path):
       return y
     return lora_lib.add_adapter(self, x, y, self.lora, self.axes, self.features, self.param_dtype, self.dtype, dot)

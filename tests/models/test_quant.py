@@ -155,6 +155,11 @@ def test_scanned_leaf_is_per_layer_and_bf16_input_works(mode):
   assert deq.dtype == jnp.bfloat16 and deq.shape == w.shape
   bf16 = quant.quantize_kernel(jnp.asarray(w, jnp.bfloat16), mode)
   assert bf16["kernel_q"].shape == got["kernel_q"].shape
+  if mode != "int8":  # QuantDense's un-interleaved rows are the kernel's even and odd rows
+    even, odd = quant.dequantize_halves(jnp.asarray(got["kernel_q"]), jnp.asarray(got["kernel_scale"]), mode)
+    full = np.asarray(quant.dequantize_kernel(jnp.asarray(got["kernel_q"]), jnp.asarray(got["kernel_scale"]), mode))
+    np.testing.assert_array_equal(np.asarray(even), full[:, 0::2])
+    np.testing.assert_array_equal(np.asarray(odd), full[:, 1::2])
 
 
 @pytest.mark.parametrize("mode,expected", [("int8", 1 + 4 / 4096), ("int4", 0.5 + 4 / 64), ("nf4", 0.5 + 4 / 64)])
@@ -236,7 +241,7 @@ def test_quantized_model_computes_the_float_model_on_dequantized_weights(mode, s
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
   fl = logits(config(scan_layers=scan), float_params(scan))
   assert np.abs(got - fl).max() > 1e-6  # quantization did change the weights
-  if scan and mode == "int8":  # bfloat16 compute: dequantized to bf16 inside the matmul
+  if scan:  # bfloat16 compute: dequantized to bf16 inside the matmul
     bf = logits(config(scan_layers=scan, quantize=mode, dtype="bfloat16"), qp)
     np.testing.assert_allclose(bf, want, atol=0.05 * np.abs(want).max())
 
