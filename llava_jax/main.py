@@ -146,7 +146,6 @@ def _path(flag) -> Optional[str]:
 
 
 def main(argv):
-  logging.info(allocator.describe())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli_errors.loaded_config("config")
@@ -154,6 +153,7 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; --verbosity=0 shows it
+  logging.info(allocator.describe())
   skip_absent_tpu()
   maybe_initialize_distributed()
   warn_system_malloc_on_cpu()

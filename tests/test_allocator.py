@@ -12,12 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main_log(env_extra: dict) -> str:
-  """stderr of `python -m llava_jax.main --verbosity=0` without a config (a usage error, after logging its allocator)."""
+  """stderr of `python -m llava_jax.main --verbosity=0` planning for an unknown topology (a usage error, after
+  logging its allocator)."""
   env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, "LLAVA_JAX_TCMALLOC_TRIED")}
   env.update(env_extra, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "llava_jax.main", "--verbosity=0"], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, "-m", "llava_jax.main", "--config=configs/tiny.py", "--mode=plan",
+                         "--plan.topology=no-such-slice", "--verbosity=0"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "--config is required" in proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode != 0 and "unknown topology" in proc.stderr, proc.stderr[-2000:]
   return proc.stderr
 
 
