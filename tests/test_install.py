@@ -20,13 +20,14 @@ def _git(*args, cwd=REPO):
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-  """`pip install --no-deps --target=<dir> "llava_jax @ git+file://<repo>@<HEAD>"` (dependencies are the test
+  """`pip install --no-deps --target=<dir> "llava_jax @ git+file://localhost<repo>@<HEAD>"` (dependencies are the test
   environment's own); returns the target directory."""
   if shutil.which("git") is None or not os.path.isdir(os.path.join(REPO, ".git")):
     pytest.skip("needs a git checkout (pip builds from the repository's HEAD)")
   head = _git("rev-parse", "HEAD")
   target = tmp_path_factory.mktemp("site")
-  requirement = f"llava_jax @ git+file://{REPO}@{head}"
+  # 'localhost': pip before 23.3 (a fresh Python 3.11 venv has 23.2) refuses a `name @ url` whose URL has no host
+  requirement = f"llava_jax @ git+file://localhost{REPO}@{head}"
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                   f"--target={target}", requirement], check=True, cwd=str(target))
   return str(target)

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(ROOT, "llava_jax")
 # module or package (dotted, under llava_jax) → layer; the longest matching prefix wins
 LAYERS = {
     "config": 0, "limits": 0, "errors": 0, "paths": 0, "parallel": 0, "openai_client": 0, "recipes": 0,
-    "config_files": 0, "configs": 0,
+    "config_files": 0, "configs": 0, "allocator": 0,
     "models": 1,
     "data": 2, "checkpoints": 2,
     "infer": 3,
