@@ -10,7 +10,7 @@ from llava_jax import allocator as _allocator
 
 _allocator.restart_with_tcmalloc()  # `python -m llava_jax.main` only, before jax is imported (see allocator.py)
 
-from llava_jax.config import LlavaConfig  # noqa: E402, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax.config import LlavaConfig, RuntimeOptions, TextConfig, VisionConfig  # noqa: E402
 
 __all__ = ["LlavaConfig", "RuntimeOptions", "TextConfig", "VisionConfig", "LlavaModel", "load_pretrained",
            "export_hf", "init_params"]

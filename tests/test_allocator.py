@@ -53,3 +53,10 @@ def test_other_programs_are_not_restarted():
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={k: v for k, v in os.environ.items() if k != "LLAVA_JAX_TCMALLOC_TRIED"})
   assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
+
+
+def test_the_package_still_exports_its_public_api():
+  """The restart hook sits above the package's imports; every name of `llava_jax.__all__` still resolves."""
+  import llava_jax
+  for name in llava_jax.__all__:
+    assert getattr(llava_jax, name) is not None, name
