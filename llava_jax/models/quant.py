@@ -174,13 +174,6 @@ def dequantize_params(params: dict, mode: str, dtype=np.float32) -> dict:
 # Device-side dequantization (jnp)
 
 
-def _unpack_nibbles(p: jax.Array) -> jax.Array:
-  """Bytes [..., in / 2, out] → nibbles [..., in, out] int32 (inverse of `_pack_nibbles`)."""
-  p = p.astype(jnp.int32)
-  both = jnp.stack([p >> 4, p & 0xF], axis=-2)  # [..., in / 2, 2, out]
-  return both.reshape(p.shape[:-2] + (p.shape[-2] * 2, p.shape[-1]))
-
-
 def dequantize_halves(q: jax.Array, scale: jax.Array, mode: str, dtype=jnp.float32) -> Tuple[jax.Array, jax.Array]:
   """A 4-bit (kernel_q [..., in / 2, out], kernel_scale [..., in / 64, out]) → the float rows it packs, without
   interleaving them: (even rows [..., in / 2, out] from the high nibbles, odd rows from the low ones), so
@@ -204,12 +197,9 @@ def dequantize_kernel(q: jax.Array, scale: jax.Array, mode: str, dtype=jnp.float
   check_mode(mode)
   if mode == "int8":
     return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None, :]).astype(dtype)
-  n = _unpack_nibbles(q)
-  values = (n - 8).astype(jnp.float32) if mode == "int4" else jnp.asarray(NF4_CODE)[n]
-  d_in, d_out = n.shape[-2:]
-  groups = values.reshape(n.shape[:-2] + (d_in // GROUP, GROUP, d_out))
-  w = groups * scale.astype(jnp.float32)[..., :, None, :]
-  return w.reshape(n.shape).astype(dtype)
+  even, odd = dequantize_halves(q, scale, mode, jnp.float32)  # inverse of `_pack_nibbles`: row 2i high, 2i + 1 low
+  w = jnp.stack([even, odd], axis=-2)  # [..., in / 2, 2, out]
+  return w.reshape(q.shape[:-2] + (2 * q.shape[-2], q.shape[-1])).astype(dtype)
 
 
 def _init_quantized(kernel_init: Callable, rng: jax.Array, shape: tuple, mode: str) -> Dict[str, jax.Array]:
