@@ -108,11 +108,12 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def warn_system_malloc_on_cpu() -> None:
-  """One warning when XLA:CPU runs under the system malloc (allocator.py: tcmalloc was not found)."""
+def log_allocator() -> None:
+  """Which malloc this process runs with: a warning when XLA:CPU runs under the system malloc because tcmalloc
+  was not found (allocator.py), else an INFO line."""
   import jax
-  if jax.default_backend() == "cpu" and not allocator.is_loaded() and os.environ.get(allocator.ENV) != "0":
-    logging.warning(allocator.describe())
+  slow = jax.default_backend() == "cpu" and not allocator.is_loaded() and os.environ.get(allocator.ENV) != "0"
+  (logging.warning if slow else logging.info)(allocator.describe())
 
 
 def apply_judge_flags(config) -> None:
@@ -153,10 +154,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; --verbosity=0 shows it
-  logging.info(allocator.describe())
   skip_absent_tpu()
   maybe_initialize_distributed()
-  warn_system_malloc_on_cpu()
+  log_allocator()
   workdir = _path(_WORKDIR) or default_workdir(flags.FLAGS["config"].config_filename)
   mode = _MODE.value
   apply_quantize_flag(config, mode)
