@@ -135,26 +135,31 @@ def load_ours(ckpt_dir: str, quant):
                                                                            quantize=quant))
 
 
-def quantize_torch_int8(model) -> None:
-  """torch's dynamic int8 quantization of every nn.Linear (int8 weights, per-tensor scales, float32 activations):
-  one Linear at a time is copied to float32, quantized and swapped in, so besides the bf16 model only one
-  Linear's float32 weight exists (converting a whole decoder layer at a time, as `quantize_dynamic` on the
-  layer needs, was killed by the OOM killer at 7B: its anonymous memory passed 17 GB)."""
+def dynamic_int8_linear(linear):
+  """torch's dynamic int8 Linear (what `quantize_dynamic` puts in place of an nn.Linear: int8 weight, per-tensor
+  scale, float32 activations) made from a float32 copy of `linear`'s weights, which is dropped on return."""
   import torch
   from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
   from torch.ao.quantization import default_dynamic_qconfig
+  f32 = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+  with torch.no_grad():
+    f32.weight = torch.nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+    if linear.bias is not None:
+      f32.bias = torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+  f32.qconfig = default_dynamic_qconfig
+  return DynamicLinear.from_float(f32)
+
+
+def quantize_torch_int8(model) -> None:
+  """torch's dynamic int8 quantization of every nn.Linear: one Linear at a time is copied to float32, quantized
+  and swapped in (`dynamic_int8_linear`), so besides the bf16 model only one Linear's float32 weight exists
+  (converting a whole decoder layer at a time, as `quantize_dynamic` on the layer needs, was killed by the OOM
+  killer at 7B: its anonymous memory passed 17 GB)."""
+  import torch
   for parent in list(model.modules()):
     for name, child in list(parent.named_children()):
-      if type(child) is not torch.nn.Linear:
-        continue
-      f32 = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-      with torch.no_grad():
-        f32.weight = torch.nn.Parameter(child.weight.detach().float(), requires_grad=False)
-        if child.bias is not None:
-          f32.bias = torch.nn.Parameter(child.bias.detach().float(), requires_grad=False)
-      f32.qconfig = default_dynamic_qconfig
-      setattr(parent, name, DynamicLinear.from_float(f32))
-      del f32, child
+      if type(child) is torch.nn.Linear:
+        setattr(parent, name, dynamic_int8_linear(child))
   model.float()  # embeddings, norms, the vision tower's convolution: float32 (the quantized Linear wants it)
 
 

@@ -76,18 +76,17 @@ def measure_jax(a: dict) -> Dict[str, dict]:
 def measure_torch(a: dict) -> Dict[str, dict]:
   """{kernel name: timing} for PyTorch's bf16 F.linear and dynamic int8 Linear at the 7B shapes."""
   import torch
-  from torch.ao.quantization import quantize_dynamic
-  from bench import torch_side
+  from bench import big, torch_side
   torch_side.set_threads(int(a["threads"]))
   s = big_ckpt.SHAPES[a["shapes"]]
   d, f = D_IN_OUT(s)
   gen = torch.Generator().manual_seed(0)
   w = torch.randn(f, d, generator=gen) * 0.02  # nn.Linear's [out, in]
   w_bf16 = w.to(torch.bfloat16)
-  int8 = quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(d, f, bias=False)), {torch.nn.Linear},
-                          dtype=torch.qint8)
+  linear = torch.nn.Linear(d, f, bias=False)
   with torch.no_grad():
-    int8[0].set_weight_bias(torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8), None)
+    linear.weight.copy_(w)
+  int8 = big.dynamic_int8_linear(linear)  # the torch_int8 row's own Linear
   out = {}
   with torch.inference_mode():
     for m, kind in ((1, "gemv"), (prefill_tokens(s, int(a["prompt_text"])), "gemm")):
